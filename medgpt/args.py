@@ -1,0 +1,239 @@
+"""The arguments every stage shares, and the one way stages parse them.
+
+Each stage parses ``ModelArguments``, ``DataArguments``, ``LoraArguments`` and its TRL/HF config
+class (``SFTConfig``, ``DPOConfig`` ...), so every TrainingArguments flag works everywhere.
+``--config file.yaml`` supplies defaults; flags on the command line override them; a key that no
+argument has is an error that names the closest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load and how."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model folder or hub name (alias --base_model). Default: the embedded SmolLM2-135M-Instruct, "
+            "prepared on first use by `python -m medgpt.base_model`.",
+            "aliases": ["--base_model"],
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or hub name, if not the model's own."}
+    )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A LoRA adapter folder from an earlier stage (alias --lora_model), loaded on top of the model: "
+            "trained further with --use_peft, merged in before full training, merged for inference.",
+            "aliases": ["--lora_model"],
+        },
+    )
+    template_name: str | None = field(
+        default=None,
+        metadata={"help": "Chat template name (see `python template.py`). Default: the tokenizer's own chat template."},
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype: auto (bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU), "
+            "float32, bfloat16 or float16."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2. Default: the model's default (sdpa)."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modeling code shipped with the model folder. Only for models you trust."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load weights in 4-bit (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load weights in 8-bit (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type: nf4 or fp4."})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    """Full fine-tuning or LoRA (with --load_in_4bit/8bit: QLoRA)."""
+
+    use_peft: bool = field(
+        default=True, metadata={"help": "Train a LoRA adapter (true) or all weights (false: full fine-tuning)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Comma-separated module names to adapt, or all-linear (every linear layer but the head)."},
+    )
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated modules trained in full next to the adapter, e.g. embed_tokens,lm_head."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how records are cut to length."""
+
+    train_file_dir: str | None = field(
+        default=None, metadata={"help": "Folder searched recursively for training .jsonl/.json files."}
+    )
+    validation_file_dir: str | None = field(
+        default=None, metadata={"help": "Folder searched recursively for validation .jsonl/.json files."}
+    )
+    train_files: list[str] | None = field(default=None, metadata={"help": "Training files, in addition to the folder."})
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Validation files, in addition to the folder."}
+    )
+    validation_split_percentage: float = field(
+        default=5,
+        metadata={"help": "With no validation files: percent of the training records held out for evaluation."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training records (quick runs)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
+    overlong_policy: str = field(
+        default="skip",
+        metadata={
+            "help": "A conversation whose first exchange alone exceeds --max_length: skip (drop it, counted and "
+            "reported) or truncate (keep the first max_length tokens; that answer loses its end-of-turn token). "
+            "Longer conversations are always cut at turn boundaries."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+    )
+
+    def __post_init__(self):
+        if self.overlong_policy not in ("skip", "truncate"):
+            raise ValueError(f"--overlong_policy must be skip or truncate, got '{self.overlong_policy}'.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be in [0, 100).")
+
+
+class _SharedFieldParser(HfArgumentParser):
+    """An HfArgumentParser where a field defined by several dataclasses (e.g. trust_remote_code in
+    ModelArguments and TRL's configs) is one flag that fills all of them."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        if any(f"--{field.name}" in action.option_strings for action in parser._actions):
+            return
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
+def _hardware_defaults() -> dict[str, Any]:
+    """Defaults that depend on the machine: bf16 only where the GPU supports it (TRL assumes a GPU),
+    pinned dataloader memory only with a GPU."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "dataloader_pin_memory": gpu}
+
+
+def parse_args(types: tuple, argv: list[str] | None = None, description: str | None = None):
+    """Parse ``types`` (dataclasses) from ``--config`` YAML and the command line; CLI wins.
+
+    Returns the dataclass instances in order, followed by the resolved config dict.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _SharedFieldParser(types, description=description)
+    parser.add_argument(
+        "--config", default=None, help="YAML file of argument defaults; command-line flags override its values."
+    )
+    known = {action.dest for action in parser._actions}
+    defaults = {key: value for key, value in _hardware_defaults().items() if key in known}
+    config_path = _pop_config(argv)
+    if config_path:
+        defaults.update(_read_config(config_path, known))
+    parser.set_defaults(**defaults)
+    namespace, extra = parser.parse_known_args(args=argv)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (see --help)")
+    values = vars(namespace)
+    instances = [
+        dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values})
+        for dtype in types
+    ]
+    resolved = {}
+    for instance in instances:
+        resolved.update(_to_plain(instance))
+    resolved["config"] = config_path
+    return (*instances, resolved)
+
+
+def _pop_config(argv: list[str]) -> str | None:
+    for index, token in enumerate(argv):
+        if token == "--config":
+            if index + 1 >= len(argv):
+                raise SystemExit("--config needs a YAML file path")
+            path = argv[index + 1]
+            del argv[index : index + 2]
+            return path
+        if token.startswith("--config="):
+            del argv[index]
+            return token.split("=", 1)[1]
+    return None
+
+
+def _read_config(path: str, known: set[str]) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"--config {path}: no such file.")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise SystemExit(f"--config {path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of argument names to values at the top level.")
+    problems = []
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            problems.append(f"  unknown key '{key}'.{hint}")
+    if problems:
+        raise SystemExit(f"--config {path}: keys that no argument of this script has:\n" + "\n".join(problems))
+    return values
+
+
+def _to_plain(instance) -> dict[str, Any]:
+    if hasattr(instance, "to_dict"):  # TrainingArguments: serializable values, tokens redacted
+        return instance.to_dict()
+    return dataclasses.asdict(instance)
+
+
+def changed_from_defaults(instance) -> dict[str, Any]:
+    """The fields of a dataclass instance that differ from the class defaults (for a short log)."""
+    out = {}
+    plain = _to_plain(instance)
+    for item in dataclasses.fields(instance):
+        if not item.init:
+            continue
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = None
+        if item.name in plain and plain[item.name] != default:
+            out[item.name] = plain[item.name]
+    return out

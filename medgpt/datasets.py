@@ -1,0 +1,404 @@
+"""Find data files, read and validate records, convert the formats users bring, tokenize.
+
+Every problem in the input is collected and reported at once, each naming the file and line
+and what to fix, before any training starts. Nothing is dropped silently: records skipped on
+purpose are counted and reported.
+
+Conversation formats, detected per record:
+
+- ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system"|"user"|"assistant", "value": ...}]}``
+- OpenAI:   ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``
+- Alpaca:   ``{"instruction", "input"?, "output", "system"?, "history"?: [[question, answer], ...]}``
+- Q/A:      ``{"question", "answer"}`` (also ``{"问", "答"}``), with an optional ``system``
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_PROBLEMS = 100
+
+_ROLE_NAMES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+class DataError(ValueError):
+    """Problems found in the user's data, all of them, one per line."""
+
+    def __init__(self, problems: Sequence[str], what: str = "data"):
+        self.problems = list(problems)
+        shown = self.problems[:MAX_REPORTED_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        text = f"Found {len(self.problems)} problem(s) in the {what}; nothing was trained. Fix these and rerun:\n"
+        text += "\n".join(f"  - {p}" for p in shown)
+        if more:
+            text += f"\n  ... and {more} more (run `python -m medgpt.datasets validate` on the files for the full list)."
+        super().__init__(text)
+
+
+@dataclass
+class Record:
+    """One JSON object from a data file, with where it came from."""
+
+    source: str  # "path:line" (or "path[index]" inside a JSON array)
+    data: dict
+
+
+# ---------------------------------------------------------------- files
+
+
+def find_data_files(
+    directory: str | None, files: Sequence[str] | None, extensions: Sequence[str], flag: str
+) -> list[Path]:
+    """Files from a folder (searched recursively) plus an explicit list; a clear error if none."""
+    found: list[Path] = []
+    problems = []
+    if directory:
+        root = Path(directory)
+        if not root.is_dir():
+            problems.append(f"--{flag}_file_dir {directory}: no such folder.")
+        else:
+            found += sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            if not found:
+                problems.append(
+                    f"--{flag}_file_dir {directory}: no {'/'.join(extensions)} files found in it or its subfolders."
+                )
+    for name in files or []:
+        path = Path(name)
+        if not path.is_file():
+            problems.append(f"--{flag}_files {name}: no such file.")
+        elif path.suffix.lower() not in extensions:
+            problems.append(f"--{flag}_files {name}: expected a {'/'.join(extensions)} file.")
+        else:
+            found.append(path)
+    if problems:
+        raise DataError(problems, what=f"{flag} file arguments")
+    return found
+
+
+def read_json_records(paths: Iterable[Path], problems: list[str]) -> list[Record]:
+    """Read .jsonl (one object per line) and .json (an array of objects, or JSON lines) files.
+
+    Malformed JSON, non-UTF-8 bytes, empty files and non-object records are added to
+    ``problems`` with their file and line; good records are returned.
+    """
+    records: list[Record] = []
+    for path in paths:
+        raw = path.read_bytes()
+        if not raw.strip():
+            problems.append(f"{path}: the file is empty.")
+            continue
+        if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
+            records += _read_json_array(path, raw, problems)
+            continue
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problems.append(
+                    f"{where}: not UTF-8 text (byte 0x{line[error.start]:02x} at column {error.start + 1}). "
+                    "Re-save the file as UTF-8."
+                )
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno}).")
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.")
+                continue
+            records.append(Record(where, value))
+    return records
+
+
+def _read_json_array(path: Path, raw: bytes, problems: list[str]) -> list[Record]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        problems.append(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}). Re-save the file as UTF-8.")
+        return []
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        problems.append(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}).")
+        return []
+    out = []
+    for index, value in enumerate(values):
+        where = f"{path}[{index}]"
+        if isinstance(value, dict):
+            out.append(Record(where, value))
+        else:
+            problems.append(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.")
+    return out
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}.")
+    if not value.strip():
+        raise ValueError(f"{what} is empty.")
+    return value
+
+
+def _turns(items, key: str, role_key: str, content_key: str) -> list[dict]:
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"'{key}' must be a non-empty list of turns.")
+    messages = []
+    for index, turn in enumerate(items):
+        where = f"{key}[{index}]"
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where} must be an object with '{role_key}' and '{content_key}'.")
+        role = turn.get(role_key, turn.get("role", turn.get("from")))
+        content = turn.get(content_key, turn.get("content", turn.get("value")))
+        if role not in _ROLE_NAMES:
+            raise ValueError(
+                f"{where} has unknown role {role!r}; use one of system, human or user, gpt or assistant."
+            )
+        messages.append({"role": _ROLE_NAMES[role], "content": _text(content, f"{where} text")})
+    return messages
+
+
+def record_to_messages(data: dict) -> list[dict]:
+    """Convert one record of any supported format to OpenAI-style messages (not yet order-checked)."""
+    if "conversations" in data:
+        return _turns(data["conversations"], "conversations", "from", "value")
+    if "messages" in data:
+        return _turns(data["messages"], "messages", "role", "content")
+    if "instruction" in data or "output" in data:
+        return _alpaca_messages(data)
+    question_key = next((k for k in ("question", "问") if k in data), None)
+    answer_key = next((k for k in ("answer", "答") if k in data), None)
+    if question_key or answer_key:
+        if not (question_key and answer_key):
+            missing = "answer" if question_key else "question"
+            raise ValueError(f"has '{question_key or answer_key}' but no '{missing}'.")
+        messages = _system(data)
+        messages += [
+            {"role": "user", "content": _text(data[question_key], f"'{question_key}'")},
+            {"role": "assistant", "content": _text(data[answer_key], f"'{answer_key}'")},
+        ]
+        return messages
+    raise ValueError(
+        "matches no known format. Expected 'conversations' (ShareGPT), 'messages' (OpenAI), "
+        "'instruction' + 'output' (Alpaca) or 'question' + 'answer'; found keys: "
+        f"{', '.join(map(repr, data)) or 'none'}."
+    )
+
+
+def _system(data: dict) -> list[dict]:
+    system = data.get("system")
+    if system is None or system == "":
+        return []
+    return [{"role": "system", "content": _text(system, "'system'")}]
+
+
+def _alpaca_messages(data: dict) -> list[dict]:
+    for key in ("instruction", "output"):
+        if key not in data:
+            raise ValueError(f"Alpaca record has no '{key}'.")
+    messages = _system(data)
+    history = data.get("history") or []
+    if not isinstance(history, list):
+        raise ValueError("'history' must be a list of [question, answer] pairs.")
+    for index, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise ValueError(f"history[{index}] must be a [question, answer] pair.")
+        messages.append({"role": "user", "content": _text(pair[0], f"history[{index}] question")})
+        messages.append({"role": "assistant", "content": _text(pair[1], f"history[{index}] answer")})
+    prompt = _text(data["instruction"], "'instruction'")
+    extra = data.get("input") or ""
+    if not isinstance(extra, str):
+        raise ValueError("'input' must be a string.")
+    if extra.strip():
+        prompt = f"{prompt}\n{extra}"
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": _text(data["output"], "'output'")})
+    return messages
+
+
+def check_turn_order(messages: Sequence[dict], last_role: str = "assistant") -> None:
+    """A system message only first, then user/assistant alternating from user, ending with ``last_role``."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        raise ValueError("has no user or assistant turns.")
+    for index, message in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            previous = turns[index - 1]["role"] if index else "the start"
+            raise ValueError(
+                f"roles out of order at turn {index + 1}: expected {expected} after {previous}, got "
+                f"{message['role']}. Turns must alternate user, assistant, user, ... (a system turn only first)."
+            )
+    if turns[-1]["role"] != last_role:
+        if last_role == "assistant":
+            raise ValueError("the conversation has no assistant reply at the end; add the answer or drop the last question.")
+        raise ValueError(f"the prompt must end with a {last_role} turn.")
+
+
+def load_records(
+    paths: Sequence[Path], convert: Callable[[dict], object], what: str
+) -> list[tuple[str, object]]:
+    """Read files and convert every record; raise one DataError listing every problem."""
+    problems: list[str] = []
+    records = read_json_records(paths, problems)
+    converted = []
+    for record in records:
+        try:
+            converted.append((record.source, convert(record.data)))
+        except ValueError as error:
+            problems.append(f"{record.source}: {error}")
+    if problems:
+        raise DataError(problems, what=what)
+    return converted
+
+
+def conversation_from_record(data: dict) -> list[dict]:
+    messages = record_to_messages(data)
+    check_turn_order(messages, "assistant")
+    return messages
+
+
+def load_conversations(paths: Sequence[Path], what: str = "SFT data") -> list[tuple[str, list[dict]]]:
+    return load_records(paths, conversation_from_record, what)
+
+
+def split_train_validation(items: list, percentage: float, seed: int) -> tuple[list, list]:
+    """Hold out ``percentage`` percent (at least one record when percentage > 0), seeded."""
+    if percentage <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    count = max(1, int(len(items) * percentage / 100))
+    held = set(order[:count])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+# ---------------------------------------------------------------- SFT tokenization
+
+
+def tokenize_for_sft(template, tokenizer, messages: list[dict], max_length: int, overlong_policy: str) -> dict:
+    """input_ids/labels for one conversation, cut at turn boundaries to ``max_length``.
+
+    ``status`` says what happened: kept, cut (later turns dropped so every trained answer keeps its
+    end-of-turn token), truncated (first answer cut, by --overlong_policy truncate) or skipped.
+    """
+    from template import encode_conversation
+
+    input_ids, labels, turn_ends = encode_conversation(template, tokenizer, messages)
+    status = "kept"
+    if len(input_ids) > max_length:
+        fitting = [end for end in turn_ends if end <= max_length]
+        if fitting:
+            input_ids, labels, status = input_ids[: fitting[-1]], labels[: fitting[-1]], "cut"
+        elif overlong_policy == "truncate":
+            input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+        else:
+            input_ids, labels, status = [], [], "skipped"
+    return {"input_ids": input_ids, "labels": labels, "status": status}
+
+
+def build_sft_dataset(
+    conversations: Sequence[tuple[str, list[dict]]],
+    tokenizer,
+    template,
+    max_length: int,
+    overlong_policy: str,
+    num_proc: int | None = None,
+    name: str = "train",
+):
+    """Tokenize conversations into a datasets.Dataset (input_ids, labels) and report what was cut."""
+    import datasets
+
+    sources = [source for source, _ in conversations]
+    raw = datasets.Dataset.from_dict({"messages": [m for _, m in conversations]})
+    tokenized = raw.map(
+        lambda example: tokenize_for_sft(template, tokenizer, example["messages"], max_length, overlong_policy),
+        remove_columns=["messages"],
+        num_proc=num_proc,
+        desc=f"Tokenizing {name} conversations",
+    )
+    statuses = tokenized["status"]
+    counts = {status: statuses.count(status) for status in ("kept", "cut", "truncated", "skipped")}
+    skipped_sources = [source for source, status in zip(sources, statuses) if status == "skipped"]
+    if counts["cut"]:
+        logger.warning(
+            "%s: %d conversation(s) longer than max_length=%d were cut after their last whole assistant turn.",
+            name, counts["cut"], max_length,
+        )
+    if counts["truncated"]:
+        logger.warning(
+            "%s: %d conversation(s) had a first exchange longer than max_length=%d and were truncated "
+            "(--overlong_policy truncate); those answers lose their end-of-turn token.",
+            name, counts["truncated"], max_length,
+        )
+    if skipped_sources:
+        logger.warning(
+            "%s: skipped %d conversation(s) whose first exchange is longer than max_length=%d "
+            "(raise --max_length or pass --overlong_policy truncate): %s%s",
+            name, len(skipped_sources), max_length, ", ".join(skipped_sources[:10]),
+            " ..." if len(skipped_sources) > 10 else "",
+        )
+    kept = tokenized.filter(lambda example: example["status"] != "skipped", desc=f"Dropping skipped {name} records")
+    if len(kept) == 0:
+        raise DataError(
+            [f"every {name} conversation is longer than --max_length {max_length} in its first exchange"],
+            what=f"{name} data",
+        )
+    return kept.remove_columns(["status"]), counts
+
+
+def load_train_validation(data_args, convert: Callable[[dict], object], what: str, seed: int,
+                          extensions: Sequence[str] = (".jsonl", ".json")):
+    """Training and validation records per the data arguments, every problem of both reported at once.
+
+    With no validation files, ``--validation_split_percentage`` of the training records is held out.
+    Returns ``(train, validation)`` lists of ``(source, converted record)``.
+    """
+    problems: list[str] = []
+    splits = {}
+    for flag, directory, files in (
+        ("train", data_args.train_file_dir, data_args.train_files),
+        ("validation", data_args.validation_file_dir, data_args.validation_files),
+    ):
+        if flag == "train" and not (directory or files):
+            problems.append("no training data given: pass --train_file_dir DIR and/or --train_files FILE ...")
+            continue
+        if flag == "validation" and not (directory or files):
+            splits[flag] = None
+            continue
+        try:
+            paths = find_data_files(directory, files, extensions, flag)
+            splits[flag] = load_records(paths, convert, f"{flag} {what}")
+        except DataError as error:
+            problems += error.problems
+    if problems:
+        raise DataError(problems, what=what)
+    train, validation = splits["train"], splits["validation"]
+    if validation is None:
+        train, validation = split_train_validation(train, data_args.validation_split_percentage, seed)
+    if data_args.max_train_samples is not None:
+        train = train[: data_args.max_train_samples]
+    if data_args.max_eval_samples is not None:
+        validation = validation[: data_args.max_eval_samples]
+    logger.info("%s: %d training and %d validation records", what, len(train), len(validation))
+    return train, validation

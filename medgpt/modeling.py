@@ -1,0 +1,158 @@
+"""Load the tokenizer and the model the same way in every stage.
+
+One place decides the dtype, 4/8-bit quantization, LoRA wrapping, the pad-token fix and whether
+remote code may run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+from medgpt.args import LoraArguments, ModelArguments
+from medgpt.base_model import prepare_default_model
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model_args: ModelArguments) -> str:
+    """The model to load: the given one, or the embedded default (prepared on first use)."""
+    if not model_args.model_name_or_path:
+        model_args.model_name_or_path = str(prepare_default_model())
+    return model_args.model_name_or_path
+
+
+def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
+    """Tokenizer with a pad token that is not the end-of-turn token.
+
+    A pad equal to eos would make padding masks hide real end-of-turn tokens in some collators;
+    the tokenizer's unk (or other unused special) token serves as pad when there is one.
+    """
+    path = model_args.tokenizer_name_or_path or resolve_model_path(model_args)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        candidates = [tokenizer.unk_token, tokenizer.bos_token]
+        spare = next((t for t in candidates if t and t not in (tokenizer.eos_token, None)), None)
+        if spare is not None:
+            tokenizer.pad_token = spare
+        elif tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"--torch_dtype must be auto, float32, bfloat16 or float16, got '{name}'.") from None
+
+
+def quantization_config(model_args: ModelArguments, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them.")
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(
+    model_args: ModelArguments,
+    lora_args: LoraArguments | None = None,
+    *,
+    task: str = "causal-lm",
+    num_labels: int = 1,
+    training: bool = True,
+    gradient_checkpointing: bool = False,
+):
+    """Load a causal LM (or a sequence-classification head for reward models), quantized and
+    LoRA-wrapped as the arguments say. With ``training=False`` an adapter is loaded for inference.
+    """
+    path = resolve_model_path(model_args)
+    dtype = resolve_dtype(model_args.torch_dtype)
+    quant = quantization_config(model_args, dtype)
+    if quant is not None and lora_args is not None and training and not lora_args.use_peft:
+        raise ValueError(
+            "Quantized weights cannot be trained directly: --load_in_4bit/--load_in_8bit need --use_peft true (QLoRA)."
+        )
+    kwargs = dict(
+        dtype=dtype,
+        trust_remote_code=model_args.trust_remote_code,
+        quantization_config=quant,
+    )
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if quant is not None and torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif task == "sequence-classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    else:
+        raise ValueError(f"unknown task {task}")
+
+    if quant is not None and training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+    if model_args.adapter_name_or_path:
+        model = _load_adapter(model, model_args.adapter_name_or_path, lora_args, training)
+    elif training and lora_args is not None and lora_args.use_peft:
+        model = wrap_lora(model, lora_args, task)
+    if training:
+        log_trainable_parameters(model)
+    return model
+
+
+def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = lora_args.lora_target_modules
+    target_modules = targets if targets == "all-linear" else [name.strip() for name in targets.split(",")]
+    modules_to_save = [name.strip() for name in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def _load_adapter(model, adapter_path: str, lora_args: LoraArguments | None, training: bool):
+    from peft import PeftModel
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise ValueError(
+            f"--adapter_name_or_path {adapter_path}: no adapter_config.json there. Point it at the output folder "
+            "of a LoRA run, or use --model_name_or_path for a merged/full model."
+        )
+    keep_training = training and lora_args is not None and lora_args.use_peft
+    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=keep_training)
+    if not keep_training and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        model = model.merge_and_unload()  # full training on the merged weights, or faster inference
+    return model
+
+
+def log_trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return trainable, total

@@ -1,0 +1,149 @@
+"""Packing several sequences into one row, without attention across them, and the batch collator.
+
+Restarted ``position_ids`` alone do not isolate packed sequences under ``sdpa``/``eager`` (the
+second sequence attends to the first), so rows are given a 4D block-diagonal causal mask: each
+token sees only earlier tokens of its own sequence. Under flash-attention the batch is flattened
+into one row and the kernel's variable-length path separates sequences by ``position_ids``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_sequences(dataset, max_length: int, seed: int = 0):
+    """Group tokenized sequences into rows of at most ``max_length`` tokens (first-fit decreasing).
+
+    Each output row has ``input_ids``, ``labels`` and ``seq_lengths`` (the lengths of the sequences
+    in it, in order). The first label of every sequence is masked so no loss crosses a boundary.
+    """
+    import datasets
+
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for index in order:
+        size = lengths[index]
+        target = next((b for b, free in enumerate(space) if free >= size), None)
+        if target is None:
+            bins.append([index])
+            space.append(max_length - size)
+        else:
+            bins[target].append(index)
+            space[target] -= size
+    generator = torch.Generator().manual_seed(seed)
+    bins = [bins[i] for i in torch.randperm(len(bins), generator=generator).tolist()]
+    all_ids, all_labels = dataset["input_ids"], dataset["labels"]
+    rows = {"input_ids": [], "labels": [], "seq_lengths": []}
+    for members in bins:
+        ids, labels = [], []
+        for index in members:
+            ids += all_ids[index]
+            labels += [-100] + list(all_labels[index][1:])
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labels)
+        rows["seq_lengths"].append([lengths[index] for index in members])
+    return datasets.Dataset.from_dict(rows)
+
+
+class SFTCollator:
+    """Pads a batch (right side); builds block-diagonal masks for packed rows.
+
+    ``flash=True`` (flash-attention kernels) flattens the batch into one padding-free row with
+    restarted position_ids instead of building masks.
+    """
+
+    def __init__(self, pad_token_id: int, dtype: torch.dtype = torch.float32, flash: bool = False):
+        self.pad_token_id = pad_token_id
+        self.dtype = dtype
+        self.flash = flash
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths_per_row = [f.get("seq_lengths") or [len(f["input_ids"])] for f in features]
+        if self.flash:
+            return self._flatten(features, lengths_per_row)
+        width = max(len(f["input_ids"]) for f in features)
+        batch = len(features)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+        out = {"input_ids": input_ids, "labels": labels}
+        if all(len(lengths) == 1 for lengths in lengths_per_row):
+            mask = torch.zeros((batch, width), dtype=torch.long)
+            for row, feature in enumerate(features):
+                mask[row, : len(feature["input_ids"])] = 1
+            out["attention_mask"] = mask
+            return out
+        out["attention_mask"] = block_causal_mask(lengths_per_row, width, self.dtype)
+        out["position_ids"] = restarted_positions(lengths_per_row, width)
+        out["num_real_tokens"] = torch.tensor(sum(sum(lengths) for lengths in lengths_per_row))
+        return out
+
+    def _flatten(self, features, lengths_per_row):
+        ids = [token for f in features for token in f["input_ids"]]
+        labels = []
+        for feature, lengths in zip(features, lengths_per_row):
+            start = 0
+            for length in lengths:  # no loss from one sequence's last token into the next sequence
+                labels += [-100] + list(feature["labels"][start + 1 : start + length])
+                start += length
+        flat_lengths = [length for lengths in lengths_per_row for length in lengths]
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": restarted_positions([flat_lengths], len(ids)),
+        }
+
+
+def restarted_positions(lengths_per_row: list[list[int]], width: int) -> torch.Tensor:
+    positions = torch.zeros((len(lengths_per_row), width), dtype=torch.long)
+    for row, lengths in enumerate(lengths_per_row):
+        start = 0
+        for length in lengths:
+            positions[row, start : start + length] = torch.arange(length)
+            start += length
+    return positions
+
+
+def block_causal_mask(lengths_per_row: list[list[int]], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (batch, 1, width, width): 0 where a query may attend, dtype-min elsewhere.
+
+    Padding positions attend to themselves only, so no row of the softmax is fully masked.
+    """
+    allowed = torch.zeros((len(lengths_per_row), width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for row, lengths in enumerate(lengths_per_row):
+        start = 0
+        for length in lengths:
+            end = start + length
+            allowed[row, start:end, start:end] = causal[:length, :length]
+            start = end
+        allowed[row, range(start, width), range(start, width)] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def block_mask_trainer(trainer_class):
+    """A subclass of a TRL trainer that accepts the collator's block-diagonal masks.
+
+    TRL counts trained tokens by summing ``attention_mask``, which is meaningless for an additive
+    4D mask; the collator sends the real count as ``num_real_tokens`` and this puts it in place.
+    """
+
+    class BlockMaskTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real = inputs.pop("num_real_tokens", None)
+            before = getattr(self, "_total_train_tokens", None)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if real is not None and before is not None and model.training:
+                self._total_train_tokens = before + self.accelerator.gather_for_metrics(real.reshape(1)).sum().item()
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return result
+
+    BlockMaskTrainer.__name__ = f"BlockMask{trainer_class.__name__}"
+    return BlockMaskTrainer

@@ -1,0 +1,127 @@
+"""Trainer glue every stage shares: logging, the resolved config, resuming, saving, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger("medgpt")
+
+CONFIG_FILE = "medgpt_config.yaml"
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "loss.png"
+
+
+def start_run(training_args, resolved: dict) -> None:
+    """What every stage does first: logging, the resolved config on screen and on disk, the seed.
+
+    The seed is set before the model is built so LoRA's random initialisation repeats too.
+    """
+    from transformers import set_seed
+
+    setup_logging(training_args)
+    record_config(resolved, training_args.output_dir, training_args.process_index == 0)
+    set_seed(training_args.seed)
+
+
+def setup_logging(training_args) -> None:
+    """INFO on the main process, warnings only on the others."""
+    import datasets
+    import transformers
+
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    logging.getLogger().setLevel(level)
+    transformers.utils.logging.set_verbosity(max(level, logging.WARNING))  # keep config dumps out of the log
+    datasets.utils.logging.set_verbosity(logging.WARNING)
+
+
+def record_config(resolved: dict, output_dir: str, is_main: bool) -> None:
+    """Print the resolved config and save it next to the outputs."""
+    if not is_main:
+        return
+    text = yaml.safe_dump(resolved, sort_keys=True, allow_unicode=True)
+    logger.info("Resolved configuration:\n%s", text)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / CONFIG_FILE).write_text(text, encoding="utf-8")
+
+
+def resolve_resume(training_args) -> str | None:
+    """``--resume_from_checkpoint`` as a path; ``auto``/``true`` means the last checkpoint in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("auto", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None and str(value).lower() == "true":
+            raise SystemExit(
+                f"--resume_from_checkpoint true: no checkpoint-* folder in {training_args.output_dir}. "
+                "Pass a checkpoint folder, or 'auto' to start fresh when there is none."
+            )
+        if last:
+            logger.info("Resuming from %s", last)
+        return last
+    if not Path(value, "trainer_state.json").is_file():
+        raise SystemExit(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json).")
+    return value
+
+
+def final_eval_metrics(trainer) -> dict:
+    """Evaluation metrics at the last step: reused when the loop just evaluated there, else computed."""
+    import math
+
+    logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if logged and logged[-1].get("step") == trainer.state.global_step:
+        metrics = {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
+    else:
+        metrics = trainer.evaluate()
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    return metrics
+
+
+def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str) -> None:
+    """Model or adapter, tokenizer with the chat template it was trained with, metrics, loss plot."""
+    trainer.save_model(output_dir)
+    if not trainer.is_world_process_zero():
+        return
+    if template.jinja and template.jinja != tokenizer.chat_template:
+        tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
+    tokenizer.save_pretrained(output_dir)
+    trainer.save_state()
+    metrics = {key: value for key, value in metrics.items()}
+    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE)
+    logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
+
+
+def plot_loss(log_history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:
+    """Plot the logged curves named by ``keys`` against the step; None if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {key: [(e["step"], e[key]) for e in log_history if key in e and "step" in e] for key in keys}
+    series = {key: points for key, points in series.items() if points}
+    if not series:
+        logger.warning("No %s values were logged; no plot written (lower --logging_steps).", "/".join(keys))
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, points in series.items():
+        steps, values = zip(*points)
+        axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("value")
+    axis.set_title(path.parent.name)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

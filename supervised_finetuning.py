@@ -1,0 +1,96 @@
+"""Stage 2: supervised fine-tuning (SFT) of a chat model on instruction and multi-turn data.
+
+Reads ShareGPT, OpenAI-messages, Alpaca and question/answer records (.jsonl/.json), renders them
+with the chat template (the tokenizer's own unless --template_name is given), and trains with
+TRL's SFTTrainer. Loss is computed on assistant answers only, every answer of a multi-turn
+conversation, each including its end-of-turn token. Full, LoRA (default) and QLoRA
+(--load_in_4bit / --load_in_8bit) training; --packing packs conversations into rows with
+block-diagonal attention so they never see each other.
+
+Example (embedded default model, shipped data):
+    python supervised_finetuning.py --config configs/sft.yaml --max_steps 20
+
+Outputs in --output_dir: the adapter (LoRA) or full model, the tokenizer with its chat template,
+medgpt_config.yaml (the resolved arguments), metrics.json, loss.png and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import SFTConfig, SFTTrainer
+
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.datasets import build_sft_dataset, conversation_from_record, load_train_validation
+from medgpt.modeling import load_model, load_tokenizer
+from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
+from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from template import get_template
+
+logger = logging.getLogger("medgpt.sft")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, lora_args, training_args, resolved = parse_args(
+        (ModelArguments, DataArguments, LoraArguments, SFTConfig), argv, description=__doc__
+    )
+    start_run(training_args, resolved)
+
+    # Tokenizer and template: the one template object renders training data and inference prompts.
+    tokenizer = load_tokenizer(model_args)
+    template = get_template(model_args.template_name, tokenizer)
+
+    # Data: every problem in every file is reported before anything is trained.
+    train_records, eval_records = load_train_validation(
+        data_args, conversation_from_record, "SFT data", training_args.seed
+    )
+    max_length = training_args.max_length
+    train_dataset, train_counts = build_sft_dataset(
+        train_records, tokenizer, template, max_length, data_args.overlong_policy,
+        data_args.preprocessing_num_workers, "train",
+    )
+    eval_dataset, eval_counts = (None, {})
+    if eval_records:
+        eval_dataset, eval_counts = build_sft_dataset(
+            eval_records, tokenizer, template, max_length, data_args.overlong_policy,
+            data_args.preprocessing_num_workers, "validation",
+        )
+    packing = training_args.packing
+    if packing:
+        unpacked_rows = len(train_dataset)
+        train_dataset = pack_sequences(train_dataset, max_length, seed=training_args.seed)
+        logger.info("Packed %d conversations into %d rows of at most %d tokens", unpacked_rows, len(train_dataset), max_length)
+
+    # Model: full, LoRA or QLoRA as the flags say.
+    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    collator = SFTCollator(
+        tokenizer.pad_token_id,
+        dtype=model.dtype,
+        flash=model.config._attn_implementation.startswith("flash_attention"),
+    )
+    # MedGPT tokenizes and packs itself (packing isolated by block-diagonal masks); TRL must not redo it.
+    training_args.packing = False
+    training_args.dataset_kwargs = {"skip_prepare_dataset": True}
+    trainer = block_mask_trainer(SFTTrainer)(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+    )
+
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics = dict(train_result.metrics)
+    metrics.update({f"train_records_{k}": v for k, v in train_counts.items()})
+    metrics.update({f"eval_records_{k}": v for k, v in eval_counts.items()})
+    metrics["packing"] = packing
+    if eval_dataset is not None:
+        metrics.update(final_eval_metrics(trainer))
+    trainer.log_metrics("final", metrics)
+    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

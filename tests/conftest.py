@@ -1,0 +1,90 @@
+"""Shared fixtures: the embedded tokenizer, a tiny random Llama, small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by default)")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from medgpt.base_model import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from medgpt.args import ModelArguments
+    from medgpt.modeling import load_tokenizer
+
+    return load_tokenizer(ModelArguments(model_name_or_path=str(default_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    from medgpt.base_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def sft_records(count: int = 16) -> list[dict]:
+    """Small conversations in all four formats."""
+    records = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            records.append({"conversations": [
+                {"from": "human", "value": f"What lowers a fever, case {i}?"},
+                {"from": "gpt", "value": "Rest, fluids, and paracetamol within the label dose."}]})
+        elif kind == 1:
+            records.append({"messages": [
+                {"role": "system", "content": "You are a careful medical assistant."},
+                {"role": "user", "content": f"I have a headache ({i})."},
+                {"role": "assistant", "content": "Drink water and rest."},
+                {"role": "user", "content": "And if it gets worse?"},
+                {"role": "assistant", "content": "See a doctor; sudden severe headache needs emergency care."}]})
+        elif kind == 2:
+            records.append({"instruction": f"解释高血压 {i}", "input": "", "output": "高血压是动脉血压持续升高。",
+                            "history": [["你好", "你好，请问有什么可以帮你？"]]})
+        else:
+            records.append({"question": f"感冒要吃抗生素吗？{i}", "answer": "普通感冒多由病毒引起，一般不需要抗生素。"})
+    return records
+
+
+@pytest.fixture()
+def sft_data_dir(tmp_path) -> Path:
+    write_jsonl(tmp_path / "data" / "train" / "part.jsonl", sft_records(16))
+    write_jsonl(tmp_path / "data" / "eval" / "part.jsonl", sft_records(4))
+    return tmp_path / "data"
+
+
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a project script as a user would; fail with its output if it fails."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result

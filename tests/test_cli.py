@@ -1,0 +1,64 @@
+"""Every script answers --help; configs parse; unknown keys and flags are errors with a hint."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_script
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+
+SCRIPTS = ["supervised_finetuning.py", "merge_peft_adapter.py", "inference.py", "template.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    result = run_script(script, "--help")
+    assert "usage" in result.stdout.lower() or "Registered templates" in result.stdout
+
+
+def test_sft_help_explains_flags():
+    text = run_script("supervised_finetuning.py", "--help").stdout
+    for flag in ("--train_file_dir", "--template_name", "--use_peft", "--load_in_4bit", "--packing", "--max_length",
+                 "--overlong_policy", "--neftune_noise_alpha", "--resume_from_checkpoint", "--config"):
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config):
+    from trl import SFTConfig
+
+    values = yaml.safe_load(config.read_text())
+    model_args, data_args, lora_args, training_args, resolved = parse_args(
+        (ModelArguments, DataArguments, LoraArguments, SFTConfig), ["--config", str(config)]
+    )
+    normalized = {"none": []}  # TrainingArguments turns report_to "none" into an empty list
+    for key, value in values.items():
+        assert resolved[key] == normalized.get(value, value), key
+
+
+def test_cli_overrides_config_and_unknown_keys_fail(tmp_path):
+    from trl import SFTConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("lora_r: 4\nlearning_rate: 0.1\noutput_dir: somewhere\n")
+    types = (ModelArguments, DataArguments, LoraArguments, SFTConfig)
+    _, _, lora_args, training_args, _ = parse_args(types, ["--config", str(config), "--lora_r", "8"])
+    assert lora_args.lora_r == 8 and training_args.learning_rate == 0.1
+
+    config.write_text("lora_rank: 4\n")
+    with pytest.raises(SystemExit) as error:
+        parse_args(types, ["--config", str(config)])
+    assert "lora_rank" in str(error.value) and "lora_r" in str(error.value)
+
+    with pytest.raises(SystemExit):
+        parse_args(types, ["--no_such_flag", "1"])
+
+
+def test_shared_flag_fills_every_dataclass():
+    from trl import SFTConfig
+
+    model_args, _, _, training_args, _ = parse_args(
+        (ModelArguments, DataArguments, LoraArguments, SFTConfig), ["--trust_remote_code", "true"]
+    )
+    assert model_args.trust_remote_code and training_args.trust_remote_code

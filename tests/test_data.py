@@ -1,0 +1,147 @@
+"""The data reader: every bad-input kind is reported with file and line, all at once; formats convert."""
+
+import pytest
+
+from conftest import write_jsonl
+from medgpt.args import DataArguments
+from medgpt.datasets import (
+    DataError,
+    build_sft_dataset,
+    conversation_from_record,
+    find_data_files,
+    load_train_validation,
+    record_to_messages,
+)
+from template import get_template
+
+
+def load(tmp_path, **kwargs):
+    args = DataArguments(train_file_dir=str(tmp_path / "train"), validation_split_percentage=0, **kwargs)
+    return load_train_validation(args, conversation_from_record, "SFT data", seed=0)
+
+
+def write_lines(path, lines, raw=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(lines) if raw else "".join(line + "\n" for line in lines).encode())
+    return path
+
+
+GOOD = '{"question": "q", "answer": "a"}'
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"question": "q", "answer": ', "not valid JSON"),
+        ('{"title": "no known keys"}', "matches no known format"),
+        ('{"question": "q"}', "has 'question' but no 'answer'"),
+        ('{"instruction": "q"}', "Alpaca record has no 'output'"),
+        ('{"conversations": [{"from": "doctor", "value": "hi"}]}', "unknown role 'doctor'"),
+        ('{"conversations": [{"from": "human", "value": "hi"}]}', "no assistant reply"),
+        ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}', "roles out of order"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}]}', "roles out of order"),
+        ('{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}', "is empty"),
+        ('["a list"]', "expected a JSON object"),
+    ],
+)
+def test_bad_record_names_file_line_and_problem(tmp_path, line, message):
+    path = write_lines(tmp_path / "train" / "bad.jsonl", [GOOD, line, GOOD])
+    with pytest.raises(DataError) as error:
+        load(tmp_path)
+    assert f"{path}:2:" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_non_utf8_line_is_reported(tmp_path):
+    path = write_lines(tmp_path / "train" / "latin1.jsonl", [GOOD.encode() + b"\n", '{"question": "caf\xe9", "answer": "a"}\n'.encode("latin-1")], raw=True)
+    with pytest.raises(DataError) as error:
+        load(tmp_path)
+    assert f"{path}:2: not UTF-8" in str(error.value)
+
+
+def test_empty_file_and_missing_folder(tmp_path):
+    write_lines(tmp_path / "train" / "empty.jsonl", [])
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        load(tmp_path)
+    with pytest.raises(DataError, match="no such folder"):
+        find_data_files(str(tmp_path / "nowhere"), None, (".jsonl",), "train")
+    (tmp_path / "only_text").mkdir()
+    (tmp_path / "only_text" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="no .jsonl/.json files found"):
+        find_data_files(str(tmp_path / "only_text"), None, (".jsonl", ".json"), "train")
+
+
+def test_no_training_data_given():
+    with pytest.raises(DataError, match="--train_file_dir"):
+        load_train_validation(DataArguments(), conversation_from_record, "SFT data", seed=0)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    write_lines(tmp_path / "train" / "a.jsonl", ["{bad", GOOD, '{"x": 1}'])
+    write_lines(tmp_path / "train" / "sub" / "b.jsonl", [GOOD, '{"conversations": [{"from": "gpt", "value": "a"}]}'])
+    with pytest.raises(DataError) as error:
+        load(tmp_path)
+    assert len(error.value.problems) == 3
+    text = str(error.value)
+    assert "a.jsonl:1:" in text and "a.jsonl:3:" in text and "b.jsonl:2:" in text
+
+
+def test_json_array_files_are_read(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "set.json").write_text('[{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]')
+    train, validation = load(tmp_path)
+    assert [messages[-1]["content"] for _, messages in train] == ["a1", "a2"] and validation == []
+
+
+def test_formats_convert_to_the_same_messages():
+    expected = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2\nextra"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    sharegpt = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
+                                  {"from": "gpt", "value": "A1"}, {"from": "user", "value": "Q2\nextra"},
+                                  {"from": "assistant", "value": "A2"}]}
+    openai = {"messages": expected}
+    alpaca = {"system": "S", "history": [["Q1", "A1"]], "instruction": "Q2", "input": "extra", "output": "A2"}
+    for record in (sharegpt, openai, alpaca):
+        assert record_to_messages(record) == expected
+    assert record_to_messages({"问": "Q", "答": "A"}) == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
+def test_validation_split_is_held_out_and_seeded(tmp_path):
+    write_jsonl(tmp_path / "train" / "d.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(40)])
+    args = DataArguments(train_file_dir=str(tmp_path / "train"), validation_split_percentage=10)
+    train, validation = load_train_validation(args, conversation_from_record, "SFT data", seed=3)
+    again = load_train_validation(args, conversation_from_record, "SFT data", seed=3)
+    assert len(validation) == 4 and len(train) == 36
+    assert {s for s, _ in validation}.isdisjoint({s for s, _ in train})
+    assert [s for s, _ in validation] == [s for s, _ in again[1]]
+
+
+def long_conversation(turn_words: int, turns: int) -> list[dict]:
+    messages = []
+    for index in range(turns):
+        messages.append({"role": "user", "content": f"question {index} " + "word " * turn_words})
+        messages.append({"role": "assistant", "content": f"answer {index} " + "word " * turn_words})
+    return messages
+
+
+def test_overlong_conversations_are_cut_at_turn_boundaries(tokenizer):
+    template = get_template(None, tokenizer)
+    records = [("a:1", long_conversation(40, 4)), ("a:2", long_conversation(10, 1)), ("a:3", long_conversation(200, 1))]
+    dataset, counts = build_sft_dataset(records, tokenizer, template, max_length=200, overlong_policy="skip")
+    assert counts == {"kept": 1, "cut": 1, "truncated": 0, "skipped": 1}
+    assert len(dataset) == 2
+    for row in dataset:
+        assert len(row["input_ids"]) <= 200
+        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        # the last trained token of every row is an end-of-turn (or the newline after it)
+        tail = tokenizer.decode(trained[-2:])
+        assert tokenizer.eos_token in tail
+
+    dataset, counts = build_sft_dataset(records, tokenizer, template, max_length=200, overlong_policy="truncate")
+    assert counts == {"kept": 1, "cut": 1, "truncated": 1, "skipped": 0}
+    assert len(dataset) == 3 and max(len(r) for r in dataset["input_ids"]) == 200

@@ -1,0 +1,67 @@
+"""Packing: every packed conversation gets exactly the logits it gets alone; no loss crosses a boundary."""
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from medgpt.packing import SFTCollator, pack_sequences
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logits_equal_unpacked(tiny_model_dir, attention):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    torch.manual_seed(0)
+    sequences = [torch.randint(3, 1000, (n,)).tolist() for n in (7, 12, 5, 9)]
+    rows = [
+        {"input_ids": sequences[0] + sequences[1], "labels": sequences[0] + sequences[1], "seq_lengths": [7, 12]},
+        {"input_ids": sequences[2] + sequences[3], "labels": sequences[2] + sequences[3], "seq_lengths": [5, 9]},
+    ]
+    batch = SFTCollator(pad_token_id=0, dtype=model.dtype)(rows)
+    assert batch["attention_mask"].shape == (2, 1, 19, 19)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        alone = [model(input_ids=torch.tensor([s])).logits[0] for s in sequences]
+        # the thing packing must avoid: restarted positions alone let sequence 2 see sequence 1
+        leaky = model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
+                      attention_mask=torch.ones(1, 19, dtype=torch.long)).logits
+    torch.testing.assert_close(packed[0, :7], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[0, 7:19], alone[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[1, :5], alone[2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[1, 5:14], alone[3], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(leaky[0, 7:19], alone[1], atol=1e-3)
+
+
+def test_pack_sequences_fills_rows_and_masks_boundaries():
+    lengths = [300, 200, 500, 100, 450, 60]
+    data = datasets.Dataset.from_dict({
+        "input_ids": [[i + 1] * n for i, n in enumerate(lengths)],
+        "labels": [[i + 1] * n for i, n in enumerate(lengths)],
+    })
+    packed = pack_sequences(data, max_length=512, seed=0)
+    assert sorted(n for row in packed["seq_lengths"] for n in row) == sorted(lengths)
+    assert all(sum(row) <= 512 for row in packed["seq_lengths"])
+    assert len(packed) == 4  # 1610 tokens need at least 4 rows of 512
+    for row in packed:
+        start = 0
+        for length in row["seq_lengths"]:
+            assert row["labels"][start] == -100  # no loss from the previous sequence into this one
+            assert row["input_ids"][start:start + length] == [row["input_ids"][start]] * length
+            start += length
+
+
+def test_collator_pads_unpacked_rows():
+    batch = SFTCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_flash_collator_flattens_with_restarted_positions():
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "seq_lengths": [2, 2]}, {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}]
+    batch = SFTCollator(pad_token_id=0, flash=True)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 2, -100, 4, -100, 6, 7]]
+    assert "attention_mask" not in batch

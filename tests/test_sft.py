@@ -1,0 +1,130 @@
+"""SFT end to end on a tiny model: train, resume, merge, answer; QLoRA; full; seeded numerics."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_script
+
+
+def sft_args(model_dir, data_dir, output_dir, *extra):
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--train_file_dir", str(data_dir / "train"),
+        "--validation_file_dir", str(data_dir / "eval"),
+        "--output_dir", str(output_dir),
+        "--max_length", "128",
+        "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "2",
+        "--learning_rate", "5e-3",
+        "--logging_steps", "1",
+        "--report_to", "none",
+        "--gradient_checkpointing", "false",
+        "--seed", "7",
+        "--dataloader_num_workers", "0",
+        *extra,
+    ]
+
+
+def run_sft(*args):
+    import supervised_finetuning
+
+    return supervised_finetuning.main(list(args))
+
+
+@pytest.mark.slow
+def test_lora_sft_then_merge_then_batch_inference(tiny_model_dir, sft_data_dir, tmp_path):
+    out = tmp_path / "sft"
+    run_script("supervised_finetuning.py", *sft_args(tiny_model_dir, sft_data_dir, out, "--max_steps", "2", "--packing", "true"))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "medgpt_config.yaml",
+                 "metrics.json", "loss.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["packing"] is True and metrics["train_records_kept"] == 16
+    assert torch.isfinite(torch.tensor(metrics["train_loss"])) and "eval_loss" in metrics
+
+    # LoRA B matrices start at zero: after training they must not be
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+
+    merged = tmp_path / "merged"
+    run_script("merge_peft_adapter.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out), "--output_dir", str(merged))
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    base = load_file(tiny_model_dir / "model.safetensors")
+    merged_weights = load_file(merged / "model.safetensors")
+    changed = [k for k in base if "proj" in k and not torch.equal(base[k], merged_weights[k])]
+    assert changed, "merging a trained adapter must change the projection weights"
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "What is a fever?"}\n{"question": "头痛怎么办？", "answer": "reference"}\n', encoding="utf-8")
+    answers = tmp_path / "answers.jsonl"
+    run_script("inference.py", "--base_model", str(merged), "--data_file", str(questions), "--output_file", str(answers),
+               "--max_new_tokens", "5", "--batch_size", "2", "--temperature", "0")
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    assert [r["question"] for r in rows] == ["What is a fever?", "头痛怎么办？"]
+    assert all(isinstance(r["answer"], str) for r in rows) and rows[1]["reference"] == "reference"
+
+    # base + adapter gives the same greedy answers as the merged model
+    answers_lora = tmp_path / "answers_lora.jsonl"
+    run_script("inference.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out), "--data_file", str(questions),
+               "--output_file", str(answers_lora), "--max_new_tokens", "5", "--temperature", "0")
+    assert [json.loads(l)["answer"] for l in answers_lora.read_text().splitlines()] == [r["answer"] for r in rows]
+
+
+@pytest.mark.slow
+def test_full_finetuning_changes_weights(tiny_model_dir, sft_data_dir, tmp_path):
+    out = tmp_path / "full"
+    run_sft(*sft_args(tiny_model_dir, sft_data_dir, out, "--max_steps", "2", "--use_peft", "false"))
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_same_seed_same_loss_curve_and_resume(tiny_model_dir, sft_data_dir, tmp_path):
+    def losses(directory):
+        state = json.loads((directory / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    common = ("--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no", "--packing", "true")
+    run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "a", *common))
+    run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "b", *common))
+    assert len(losses(tmp_path / "a")) == 4
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+    # resume the second run from its step-2 checkpoint: steps 3-4 repeat the same losses
+    checkpoint = tmp_path / "b" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "b", *common, "--resume_from_checkpoint", str(checkpoint)))
+    resumed = losses(tmp_path / "b")
+    assert resumed[-2:] == pytest.approx(losses(tmp_path / "a")[-2:], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_qlora_4bit_on_cpu(tiny_model_dir, sft_data_dir, tmp_path):
+    out = tmp_path / "qlora"
+    metrics = run_sft(*sft_args(tiny_model_dir, sft_data_dir, out, "--max_steps", "1", "--load_in_4bit", "true",
+                                "--eval_strategy", "no", "--max_eval_samples", "2"))
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_quantized_full_training_is_refused(tiny_model_dir, sft_data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--use_peft true"):
+        run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "x", "--max_steps", "1", "--load_in_4bit", "true",
+                          "--use_peft", "false"))
+
+
+def test_bad_data_stops_before_training(tiny_model_dir, sft_data_dir, tmp_path):
+    bad = sft_data_dir / "train" / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n{"messages": [{"role": "user", "content": "q"}]}\n')
+    from medgpt.datasets import DataError
+
+    with pytest.raises(DataError) as error:
+        run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "x", "--max_steps", "1"))
+    assert f"{bad}:1:" in str(error.value) and f"{bad}:2:" in str(error.value)
+    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
