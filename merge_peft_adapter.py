@@ -10,6 +10,7 @@ renamed when complete, so an interrupted merge never leaves a folder that looks 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("Merge into full-precision weights: drop --load_in_4bit/--load_in_8bit.")
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else None
     tokenizer = load_tokenizer(
-        ModelArguments(**{**vars(model_args), "tokenizer_name_or_path": tokenizer_source or model_args.tokenizer_name_or_path})
+        dataclasses.replace(model_args, tokenizer_name_or_path=tokenizer_source or model_args.tokenizer_name_or_path)
     )
     model = load_model(model_args, None, training=False)  # loads the adapter and merges it
     target = Path(args.output_dir)

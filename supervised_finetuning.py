@@ -30,11 +30,24 @@ from template import get_template
 logger = logging.getLogger("medgpt.sft")
 
 
+def check_sft_flags(training_args: SFTConfig) -> None:
+    """TRL data options that MedGPT's own tokenization and packing replace: refuse them with the remedy."""
+    problems = []
+    if training_args.padding_free:
+        problems.append("--padding_free: use --packing true (block-diagonal masks; padding-free rows under flash-attention).")
+    if training_args.completion_only_loss is False:
+        problems.append("--completion_only_loss false: SFT always trains on assistant answers only; "
+                        "to train on whole texts use pretraining.py.")
+    if problems:
+        raise SystemExit("Unsupported flags for supervised_finetuning.py:\n  " + "\n  ".join(problems))
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, training_args, resolved = parse_args(
         (ModelArguments, DataArguments, LoraArguments, SFTConfig), argv, description=__doc__
     )
     start_run(training_args, resolved)
+    check_sft_flags(training_args)
 
     # Tokenizer and template: the one template object renders training data and inference prompts.
     tokenizer = load_tokenizer(model_args)

@@ -44,7 +44,7 @@ class DataError(ValueError):
         text = f"Found {len(self.problems)} problem(s) in the {what}; nothing was trained. Fix these and rerun:\n"
         text += "\n".join(f"  - {p}" for p in shown)
         if more:
-            text += f"\n  ... and {more} more (run `python -m medgpt.datasets validate` on the files for the full list)."
+            text += f"\n  ... and {more} more of the same kinds (the first {len(shown)} are shown)."
         super().__init__(text)
 
 
@@ -276,10 +276,6 @@ def conversation_from_record(data: dict) -> list[dict]:
     messages = record_to_messages(data)
     check_turn_order(messages, "assistant")
     return messages
-
-
-def load_conversations(paths: Sequence[Path], what: str = "SFT data") -> list[tuple[str, list[dict]]]:
-    return load_records(paths, conversation_from_record, what)
 
 
 def split_train_validation(items: list, percentage: float, seed: int) -> tuple[list, list]:

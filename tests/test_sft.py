@@ -105,9 +105,10 @@ def test_same_seed_same_loss_curve_and_resume(tiny_model_dir, sft_data_dir, tmp_
 
 
 @pytest.mark.slow
-def test_qlora_4bit_on_cpu(tiny_model_dir, sft_data_dir, tmp_path):
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_qlora_on_cpu(tiny_model_dir, sft_data_dir, tmp_path, bits):
     out = tmp_path / "qlora"
-    metrics = run_sft(*sft_args(tiny_model_dir, sft_data_dir, out, "--max_steps", "1", "--load_in_4bit", "true",
+    metrics = run_sft(*sft_args(tiny_model_dir, sft_data_dir, out, "--max_steps", "1", f"--load_in_{bits}bit", "true",
                                 "--eval_strategy", "no", "--max_eval_samples", "2"))
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert (out / "adapter_model.safetensors").is_file()
@@ -128,3 +129,27 @@ def test_bad_data_stops_before_training(tiny_model_dir, sft_data_dir, tmp_path):
         run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "x", "--max_steps", "1"))
     assert f"{bad}:1:" in str(error.value) and f"{bad}:2:" in str(error.value)
     assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+
+
+def test_interactive_chat_streams_clears_and_exits(tiny_model_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "inference.py", "--base_model", str(tiny_model_dir), "--interactive",
+         "--max_new_tokens", "4", "--temperature", "0"],
+        input="What is a fever?\nAnd a cough?\nclear\nexit\nnever asked\n", cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "not medical advice" in out
+    assert out.count("Assistant: ") == 2  # two questions answered, nothing after exit
+    assert "(conversation cleared)" in out
+
+
+def test_trl_data_flags_that_medgpt_replaces_are_refused(tiny_model_dir, sft_data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--packing true"):
+        run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "x", "--max_steps", "1", "--padding_free", "true"))
