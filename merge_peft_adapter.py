@@ -11,6 +11,7 @@ renamed when complete, so an interrupted merge never leaves a folder that looks 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = load_tokenizer(
         dataclasses.replace(model_args, tokenizer_name_or_path=tokenizer_source or model_args.tokenizer_name_or_path)
     )
-    model = load_model(model_args, None, training=False)  # loads the adapter and merges it
+    adapter_config = json.loads(Path(adapter, "adapter_config.json").read_text()) if Path(adapter).is_dir() else {}
+    task = "sequence-classification" if adapter_config.get("task_type") == "SEQ_CLS" else "causal-lm"  # reward models
+    model = load_model(model_args, None, training=False, task=task)  # loads the adapter and merges it
     target = Path(args.output_dir)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)

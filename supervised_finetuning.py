@@ -21,7 +21,7 @@ import logging
 from trl import SFTConfig, SFTTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
-from medgpt.datasets import build_sft_dataset, conversation_from_record, load_train_validation
+from medgpt.datasets import build_sft_dataset, conversation_from_record, json_reader, load_train_validation
 from medgpt.modeling import load_model, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
@@ -42,10 +42,13 @@ def check_sft_flags(training_args: SFTConfig) -> None:
         raise SystemExit("Unsupported flags for supervised_finetuning.py:\n  " + "\n  ".join(problems))
 
 
+def parse(argv: list[str] | None = None):
+    """The stage's arguments from --config and the command line."""
+    return parse_args((ModelArguments, DataArguments, LoraArguments, SFTConfig), argv, description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, lora_args, training_args, resolved = parse_args(
-        (ModelArguments, DataArguments, LoraArguments, SFTConfig), argv, description=__doc__
-    )
+    model_args, data_args, lora_args, training_args, resolved = parse(argv)
     start_run(training_args, resolved)
     check_sft_flags(training_args)
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: every problem in every file is reported before anything is trained.
     train_records, eval_records = load_train_validation(
-        data_args, conversation_from_record, "SFT data", training_args.seed
+        data_args, json_reader(conversation_from_record), "SFT data", training_args.seed
     )
     max_length = training_args.max_length
     train_dataset, train_counts = build_sft_dataset(

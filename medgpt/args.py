@@ -37,8 +37,9 @@ class ModelArguments:
     adapter_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A LoRA adapter folder from an earlier stage (alias --lora_model), loaded on top of the model: "
-            "trained further with --use_peft, merged in before full training, merged for inference.",
+            "help": "A LoRA adapter folder from an earlier stage (alias --lora_model). It is merged into the model "
+            "first, so a new LoRA (--use_peft) or full training starts from that stage; with 4/8-bit weights it "
+            "cannot be merged and is trained further instead.",
             "aliases": ["--lora_model"],
         },
     )
@@ -149,8 +150,11 @@ def _hardware_defaults() -> dict[str, Any]:
     return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "dataloader_pin_memory": gpu}
 
 
-def parse_args(types: tuple, argv: list[str] | None = None, description: str | None = None):
+def parse_args(types: tuple, argv: list[str] | None = None, description: str | None = None,
+               defaults: dict[str, Any] | None = None):
     """Parse ``types`` (dataclasses) from ``--config`` YAML and the command line; CLI wins.
+
+    ``defaults`` are a stage's own defaults for fields of the config classes (below YAML and CLI).
 
     Returns the dataclass instances in order, followed by the resolved config dict.
     """
@@ -160,17 +164,17 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
         "--config", default=None, help="YAML file of argument defaults; command-line flags override its values."
     )
     known = {action.dest for action in parser._actions}
-    defaults = {key: value for key, value in _hardware_defaults().items() if key in known}
+    values = {key: value for key, value in {**_hardware_defaults(), **(defaults or {})}.items() if key in known}
     config_path = _pop_config(argv)
     if config_path:
-        defaults.update(_read_config(config_path, known))
-    parser.set_defaults(**defaults)
+        values.update(_read_config(config_path, known))
+    parser.set_defaults(**values)
     namespace, extra = parser.parse_known_args(args=argv)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)} (see --help)")
-    values = vars(namespace)
+    parsed = vars(namespace)
     instances = [
-        dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values})
+        dtype(**{f.name: parsed[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in parsed})
         for dtype in types
     ]
     resolved = {}
@@ -219,21 +223,3 @@ def _to_plain(instance) -> dict[str, Any]:
     if hasattr(instance, "to_dict"):  # TrainingArguments: serializable values, tokens redacted
         return instance.to_dict()
     return dataclasses.asdict(instance)
-
-
-def changed_from_defaults(instance) -> dict[str, Any]:
-    """The fields of a dataclass instance that differ from the class defaults (for a short log)."""
-    out = {}
-    plain = _to_plain(instance)
-    for item in dataclasses.fields(instance):
-        if not item.init:
-            continue
-        if item.default is not dataclasses.MISSING:
-            default = item.default
-        elif item.default_factory is not dataclasses.MISSING:
-            default = item.default_factory()
-        else:
-            default = None
-        if item.name in plain and plain[item.name] != default:
-            out[item.name] = plain[item.name]
-    return out

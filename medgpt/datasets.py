@@ -255,10 +255,95 @@ def check_turn_order(messages: Sequence[dict], last_role: str = "assistant") -> 
         raise ValueError(f"the prompt must end with a {last_role} turn.")
 
 
-def load_records(
-    paths: Sequence[Path], convert: Callable[[dict], object], what: str
-) -> list[tuple[str, object]]:
-    """Read files and convert every record; raise one DataError listing every problem."""
+def _answer(value, what: str) -> str:
+    """A preference answer: a string, or TRL's conversational form [{"role": "assistant", "content": ...}]."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise ValueError(f"'{what}' as a list must hold one {{\"role\": \"assistant\", \"content\": ...}} message.")
+        value = value[0].get("content")
+    return _text(value, f"'{what}'")
+
+
+def preference_from_record(data: dict) -> dict:
+    """One preference pair as ``{"prompt": messages ending with a user turn, "chosen": str, "rejected": str}``.
+
+    Formats: ``conversations``/``messages`` (the prompt turns) + ``chosen`` + ``rejected``;
+    ``system`` + ``history`` + ``question`` + ``response_chosen`` + ``response_rejected``;
+    TRL-style ``prompt`` + ``chosen`` + ``rejected`` (strings or message lists).
+    """
+    if "response_chosen" in data or "response_rejected" in data:
+        missing = [k for k in ("question", "response_chosen", "response_rejected") if k not in data]
+        if missing:
+            raise ValueError(f"has response_chosen/response_rejected but no {', '.join(map(repr, missing))}.")
+        history = _alpaca_messages({"system": data.get("system"), "history": data.get("history"),
+                                    "instruction": data["question"], "output": "-"})[:-1]
+        prompt, chosen, rejected = history, data["response_chosen"], data["response_rejected"]
+        names = ("response_chosen", "response_rejected")
+    elif "chosen" in data or "rejected" in data:
+        missing = [k for k in ("chosen", "rejected") if k not in data]
+        if missing:
+            raise ValueError(f"has no {missing[0]!r} answer.")
+        if "conversations" in data:
+            prompt = _turns(data["conversations"], "conversations", "from", "value")
+        elif "messages" in data:
+            prompt = _turns(data["messages"], "messages", "role", "content")
+        elif "prompt" in data:
+            value = data["prompt"]
+            prompt = _turns(value, "prompt", "role", "content") if isinstance(value, list) else \
+                [{"role": "user", "content": _text(value, "'prompt'")}]
+        else:
+            raise ValueError("has chosen/rejected but no prompt: add 'conversations', 'messages' or 'prompt'.")
+        chosen, rejected, names = data["chosen"], data["rejected"], ("chosen", "rejected")
+    else:
+        raise ValueError(
+            "matches no preference format. Expected 'conversations' or 'messages' or 'prompt' with 'chosen' and "
+            "'rejected', or 'question' with 'response_chosen' and 'response_rejected'; found keys: "
+            f"{', '.join(map(repr, data)) or 'none'}."
+        )
+    check_turn_order(prompt, last_role="user")
+    return {"prompt": prompt, "chosen": _answer(chosen, names[0]), "rejected": _answer(rejected, names[1])}
+
+
+def build_preference_dataset(records, tokenizer, template, max_length: int | None, name: str = "train"):
+    """Preference pairs as TRL's conversational prompt/chosen/rejected columns, with the skips reported.
+
+    Pairs whose answers are identical teach nothing and pairs longer than ``max_length`` tokens
+    would be silently dropped or cut by TRL; both are skipped here, counted and logged by source.
+    """
+    import datasets
+
+    kept, identical, too_long = [], [], []
+    for source, pair in records:
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            identical.append(source)
+            continue
+        if max_length is not None:
+            longest = max(
+                len(tokenizer(template.render(pair["prompt"] + [{"role": "assistant", "content": pair[key]}]),
+                              add_special_tokens=False)["input_ids"])
+                for key in ("chosen", "rejected")
+            )
+            if longest > max_length:
+                too_long.append(source)
+                continue
+        kept.append({
+            "prompt": pair["prompt"],
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        })
+    for sources, why in ((identical, "chosen and rejected are identical"),
+                         (too_long, f"longer than max_length={max_length} tokens (raise --max_length)")):
+        if sources:
+            logger.warning("%s: skipped %d pair(s), %s: %s%s", name, len(sources), why, ", ".join(sources[:10]),
+                           " ..." if len(sources) > 10 else "")
+    if not kept:
+        raise DataError([f"no usable {name} preference pairs remain after skipping the ones above"], what=f"{name} data")
+    counts = {"kept": len(kept), "skipped_identical": len(identical), "skipped_too_long": len(too_long)}
+    return datasets.Dataset.from_list(kept), counts
+
+
+def load_records(paths: Sequence[Path], convert: Callable[[dict], object]) -> list[tuple[str, object]]:
+    """Read JSON files and convert every record; raise one DataError listing every problem."""
     problems: list[str] = []
     records = read_json_records(paths, problems)
     converted = []
@@ -268,8 +353,62 @@ def load_records(
         except ValueError as error:
             problems.append(f"{record.source}: {error}")
     if problems:
-        raise DataError(problems, what=what)
+        raise DataError(problems)
     return converted
+
+
+def json_reader(convert: Callable[[dict], object]) -> Callable[[Sequence[Path]], list]:
+    """A reader for load_train_validation: JSON records converted by ``convert``."""
+    return lambda paths: load_records(paths, convert)
+
+
+def text_document_reader(paragraphs: bool = False) -> Callable[[Sequence[Path]], list]:
+    """A reader of documents for pretraining: .txt files (one document per line, or per blank-line
+    separated paragraph with ``paragraphs``) and .jsonl/.json records with a ``text`` field."""
+
+    def read(paths: Sequence[Path]) -> list[tuple[str, str]]:
+        problems: list[str] = []
+        documents: list[tuple[str, str]] = []
+        for path in paths:
+            if path.suffix.lower() in (".jsonl", ".json"):
+                for record in read_json_records([path], problems):
+                    try:
+                        documents.append((record.source, _text(record.data.get("text"), "'text'")))
+                    except ValueError as error:
+                        problems.append(f"{record.source}: {error} Each record needs a non-empty 'text' string.")
+                continue
+            before = len(documents)
+            documents += _read_text_file(path, paragraphs, problems)
+            if len(documents) == before and not any(p.startswith(f"{path}:") for p in problems):
+                problems.append(f"{path}: the file is empty.")
+        if problems:
+            raise DataError(problems)
+        return documents
+
+    return read
+
+
+def _read_text_file(path: Path, paragraphs: bool, problems: list[str]) -> list[tuple[str, str]]:
+    documents, current, start = [], [], 0
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            problems.append(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                            f"{error.start + 1}). Re-save the file as UTF-8.")
+            continue
+        if not paragraphs:
+            if line:
+                documents.append((f"{path}:{number}", line))
+        elif line:
+            start = start or number
+            current.append(line)
+        elif current:
+            documents.append((f"{path}:{start}", "\n".join(current)))
+            current, start = [], 0
+    if current:
+        documents.append((f"{path}:{start}", "\n".join(current)))
+    return documents
 
 
 def conversation_from_record(data: dict) -> list[dict]:
@@ -363,12 +502,13 @@ def build_sft_dataset(
     return kept.remove_columns(["status"]), counts
 
 
-def load_train_validation(data_args, convert: Callable[[dict], object], what: str, seed: int,
+def load_train_validation(data_args, read: Callable[[Sequence[Path]], list], what: str, seed: int,
                           extensions: Sequence[str] = (".jsonl", ".json")):
     """Training and validation records per the data arguments, every problem of both reported at once.
 
     With no validation files, ``--validation_split_percentage`` of the training records is held out.
-    Returns ``(train, validation)`` lists of ``(source, converted record)``.
+    ``read`` turns file paths into ``(source, item)`` pairs (see json_reader, text_document_reader).
+    Returns ``(train, validation)`` lists of ``(source, item)``.
     """
     problems: list[str] = []
     splits = {}
@@ -384,7 +524,7 @@ def load_train_validation(data_args, convert: Callable[[dict], object], what: st
             continue
         try:
             paths = find_data_files(directory, files, extensions, flag)
-            splits[flag] = load_records(paths, convert, f"{flag} {what}")
+            splits[flag] = read(paths)
         except DataError as error:
             problems += error.problems
     if problems:
@@ -398,3 +538,62 @@ def load_train_validation(data_args, convert: Callable[[dict], object], what: st
         validation = validation[: data_args.max_eval_samples]
     logger.info("%s: %d training and %d validation records", what, len(train), len(validation))
     return train, validation
+
+
+# ---------------------------------------------------------------- pretraining blocks
+
+
+def deduplicate_documents(train: list, validation: list) -> tuple[list, list, dict]:
+    """Drop exact duplicate documents (after trimming whitespace): repeats within the training set,
+    and validation documents that also occur in training (they would leak). Counted, never silent."""
+    seen: set[str] = set()
+    kept_train = []
+    for source, text in train:
+        key = text.strip()
+        if key not in seen:
+            seen.add(key)
+            kept_train.append((source, text))
+    kept_validation, validation_seen = [], set()
+    for source, text in validation:
+        key = text.strip()
+        if key not in seen and key not in validation_seen:
+            validation_seen.add(key)
+            kept_validation.append((source, text))
+    counts = {"train_duplicates_removed": len(train) - len(kept_train),
+              "validation_duplicates_removed": len(validation) - len(kept_validation)}
+    if any(counts.values()):
+        logger.warning("Removed exact duplicate documents: %d from training, %d from validation "
+                       "(repeats, or also present in training).", *counts.values())
+    return kept_train, kept_validation, counts
+
+
+def build_pretraining_blocks(documents: Sequence[tuple[str, str]], tokenizer, block_size: int,
+                             num_proc: int | None = None, name: str = "train"):
+    """Tokenize documents, end each with EOS, concatenate, and cut into blocks of ``block_size``.
+
+    The standard continued-pretraining recipe: every block is exactly ``block_size`` tokens and
+    documents inside it are separated by EOS. The tail shorter than one block is dropped and
+    reported. Returns the blocks dataset (``input_ids``) and counts.
+    """
+    import datasets
+    import numpy as np
+
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token to separate documents; set one on the tokenizer.")
+    raw = datasets.Dataset.from_dict({"text": [text for _, text in documents]})
+    eos = tokenizer.eos_token_id
+    tokenized = raw.map(
+        lambda batch: {"ids": [ids + [eos] for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]},
+        batched=True, remove_columns=["text"], num_proc=num_proc, desc=f"Tokenizing {name} documents",
+    )
+    stream = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in tokenized["ids"]])
+    blocks = len(stream) // block_size
+    if blocks == 0:
+        raise DataError([f"the {name} text has {len(stream)} tokens, fewer than one block of --block_size "
+                         f"{block_size}; add text or lower --block_size"], what=f"{name} text")
+    counts = {"documents": len(documents), "tokens": int(len(stream)), "blocks": blocks,
+              "tail_tokens_dropped": int(len(stream) - blocks * block_size)}
+    logger.info("%s: %d documents, %d tokens -> %d blocks of %d (last %d tokens, less than a block, dropped)",
+                name, counts["documents"], counts["tokens"], blocks, block_size, counts["tail_tokens_dropped"])
+    data = stream[: blocks * block_size].reshape(blocks, block_size)
+    return datasets.Dataset.from_dict({"input_ids": data.tolist()}), counts

@@ -109,14 +109,21 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-
     if model_args.adapter_name_or_path:
-        model = _load_adapter(model, model_args.adapter_name_or_path, lora_args, training)
-    elif training and lora_args is not None and lora_args.use_peft:
+        model = load_adapter(model, model_args.adapter_name_or_path, trainable=quant is not None and training, task=task)
+        if training and quant is None:
+            model.requires_grad_(True)  # PEFT froze the base while loading; full training needs it back
+    if training and lora_args is not None and lora_args.use_peft and not _is_peft(model):
         model = wrap_lora(model, lora_args, task)
     if training:
         log_trainable_parameters(model)
     return model
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
@@ -136,19 +143,26 @@ def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
     return get_peft_model(model, config)
 
 
-def _load_adapter(model, adapter_path: str, lora_args: LoraArguments | None, training: bool):
-    from peft import PeftModel
+def load_adapter(model, adapter_path: str, trainable: bool = False, task: str = "causal-lm"):
+    """Load an earlier stage's LoRA adapter and merge it into the weights.
+
+    Merging makes the earlier stage part of the model: a new LoRA trained on top starts from it,
+    and with the adapter disabled (DPO's and PPO's reference model) the model *is* the earlier
+    stage. Quantized weights cannot absorb an adapter, so there it stays (trainable for QLoRA).
+    """
+    from peft import PeftConfig, PeftModel, TaskType
 
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise ValueError(
             f"--adapter_name_or_path {adapter_path}: no adapter_config.json there. Point it at the output folder "
             "of a LoRA run, or use --model_name_or_path for a merged/full model."
         )
-    keep_training = training and lora_args is not None and lora_args.use_peft
-    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=keep_training)
-    if not keep_training and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
-        model = model.merge_and_unload()  # full training on the merged weights, or faster inference
-    return model
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    config = PeftConfig.from_pretrained(adapter_path)
+    if task == "sequence-classification" and config.task_type != TaskType.SEQ_CLS:
+        config.task_type = None  # an SFT (causal-LM) adapter on a reward model's body: load it task-agnostic
+    model = PeftModel.from_pretrained(model, adapter_path, config=config, is_trainable=trainable and quantized)
+    return model if quantized else model.merge_and_unload()
 
 
 def log_trainable_parameters(model) -> tuple[int, int]:

@@ -72,8 +72,9 @@ def resolve_resume(training_args) -> str | None:
     return value
 
 
-def final_eval_metrics(trainer) -> dict:
-    """Evaluation metrics at the last step: reused when the loop just evaluated there, else computed."""
+def final_eval_metrics(trainer, perplexity: bool = True) -> dict:
+    """Evaluation metrics at the last step: reused when the loop just evaluated there, else computed.
+    With ``perplexity``, exp(eval_loss) is added (meaningful for language-model losses only)."""
     import math
 
     logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -81,13 +82,27 @@ def final_eval_metrics(trainer) -> dict:
         metrics = {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
     else:
         metrics = trainer.evaluate()
-    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    if perplexity:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics
 
 
-def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str) -> None:
-    """Model or adapter, tokenizer with the chat template it was trained with, metrics, loss plot."""
-    trainer.save_model(output_dir)
+def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, merge_adapter: bool = False) -> None:
+    """Model or adapter, tokenizer with the chat template it was trained with, metrics, loss plot.
+
+    ``merge_adapter`` saves a LoRA run as a complete model (adapter merged), for stages whose
+    output is loaded as a whole model by the next one (the reward model).
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if merge_adapter and hasattr(model, "merge_and_unload") and not quantized and not trainer.is_deepspeed_enabled:
+        if trainer.is_world_process_zero():
+            model.merge_and_unload().save_pretrained(output_dir)
+    else:
+        if merge_adapter and hasattr(model, "merge_and_unload"):
+            logger.warning("Saved a LoRA adapter (4/8-bit or DeepSpeed run); merge it with merge_peft_adapter.py "
+                           "before loading the folder as a whole model.")
+        trainer.save_model(output_dir)
     if not trainer.is_world_process_zero():
         return
     if template.jinja and template.jinja != tokenizer.chat_template:

@@ -8,6 +8,7 @@ from medgpt.datasets import (
     DataError,
     build_sft_dataset,
     conversation_from_record,
+    json_reader,
     find_data_files,
     load_train_validation,
     record_to_messages,
@@ -17,7 +18,7 @@ from template import get_template
 
 def load(tmp_path, **kwargs):
     args = DataArguments(train_file_dir=str(tmp_path / "train"), validation_split_percentage=0, **kwargs)
-    return load_train_validation(args, conversation_from_record, "SFT data", seed=0)
+    return load_train_validation(args, json_reader(conversation_from_record), "SFT data", seed=0)
 
 
 def write_lines(path, lines, raw=False):
@@ -73,7 +74,7 @@ def test_empty_file_and_missing_folder(tmp_path):
 
 def test_no_training_data_given():
     with pytest.raises(DataError, match="--train_file_dir"):
-        load_train_validation(DataArguments(), conversation_from_record, "SFT data", seed=0)
+        load_train_validation(DataArguments(), json_reader(conversation_from_record), "SFT data", seed=0)
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -114,8 +115,8 @@ def test_formats_convert_to_the_same_messages():
 def test_validation_split_is_held_out_and_seeded(tmp_path):
     write_jsonl(tmp_path / "train" / "d.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(40)])
     args = DataArguments(train_file_dir=str(tmp_path / "train"), validation_split_percentage=10)
-    train, validation = load_train_validation(args, conversation_from_record, "SFT data", seed=3)
-    again = load_train_validation(args, conversation_from_record, "SFT data", seed=3)
+    train, validation = load_train_validation(args, json_reader(conversation_from_record), "SFT data", seed=3)
+    again = load_train_validation(args, json_reader(conversation_from_record), "SFT data", seed=3)
     assert len(validation) == 4 and len(train) == 36
     assert {s for s, _ in validation}.isdisjoint({s for s, _ in train})
     assert [s for s, _ in validation] == [s for s, _ in again[1]]

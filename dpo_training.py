@@ -1,0 +1,123 @@
+"""Stage 3 (DPO): direct preference optimization of the SFT model, and its variants.
+
+Learns from preference pairs without a reward model (TRL's DPOTrainer). The variants are flags:
+`--loss_type` takes any DPO loss TRL offers (sigmoid = DPO, ipo, hinge, robust, bco_pair,
+sppo_hard, nca_pair, aot, apo_zero, apo_down, discopop, ...) plus `orpo` (TRL's ORPO trainer,
+no reference model) and `simpo` (TRL's CPO trainer with the SimPO loss, reference-free).
+With LoRA the reference model is the SFT model itself with the new adapter switched off, so no
+second copy sits in memory; full fine-tuning loads a frozen copy as reference.
+
+Preference formats are those of reward_modeling.py (see its --help). Held-out reward accuracy
+(the implicit reward of `chosen` above `rejected`) and margins are reported after training.
+
+Example, on the SFT output:
+    python dpo_training.py --config configs/dpo.yaml --model_name_or_path outputs/sft-merged
+    python dpo_training.py --config configs/dpo.yaml --loss_type ipo --beta 0.5
+
+Outputs in --output_dir: the adapter (LoRA) or full model, the tokenizer with its chat template,
+medgpt_config.yaml, metrics.json, loss.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental in TRL 1.12
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args  # noqa: E402
+from medgpt.datasets import build_preference_dataset, json_reader, load_train_validation, preference_from_record
+from medgpt.modeling import load_model, load_tokenizer
+from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from template import get_template
+
+logger = logging.getLogger("medgpt.dpo")
+
+
+@dataclass
+class ORPOConfigWithLossType(ORPOConfig):
+    """TRL's ORPOConfig plus the --loss_type field that selects it."""
+
+    loss_type: str = field(default="orpo", metadata={"help": "orpo: odds-ratio preference optimization."})
+
+
+# --loss_type values served by another TRL trainer: name -> (config class, trainer class, stage defaults)
+VARIANTS = {
+    "orpo": (ORPOConfigWithLossType, ORPOTrainer, {}),
+    "simpo": (CPOConfig, CPOTrainer, {"cpo_alpha": 0.0}),  # SimPO = CPO's simpo loss without the BC term
+}
+
+
+def parse(argv: list[str]):
+    """Parse with DPOConfig; for orpo/simpo parse again with that trainer's own config class, so
+    its flags are available and flags it lacks are reported."""
+    types = (ModelArguments, DataArguments, LoraArguments)
+    parsed = parse_args((*types, DPOConfig), argv, description=__doc__)
+    loss = parsed[3].loss_type
+    variant = loss[0] if len(loss) == 1 and loss[0] in VARIANTS else None
+    if any(name in VARIANTS for name in loss) and variant is None:
+        raise SystemExit(f"--loss_type {' '.join(loss)}: orpo and simpo cannot be combined with other losses.")
+    if variant is None:
+        return parsed, DPOTrainer
+    config_class, trainer_class, defaults = VARIANTS[variant]
+    return parse_args((*types, config_class), argv, description=__doc__, defaults=defaults), trainer_class
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (model_args, data_args, lora_args, training_args, resolved), trainer_class = parse(argv)
+    start_run(training_args, resolved)
+
+    tokenizer = load_tokenizer(model_args)
+    template = get_template(model_args.template_name, tokenizer)
+    tokenizer.chat_template = template.jinja  # TRL renders the conversations with the stage's template
+
+    train_records, eval_records = load_train_validation(
+        data_args, json_reader(preference_from_record), "preference data", training_args.seed
+    )
+    train_dataset, train_counts = build_preference_dataset(
+        train_records, tokenizer, template, training_args.max_length, "train"
+    )
+    eval_dataset, eval_counts = (None, {})
+    if eval_records:
+        eval_dataset, eval_counts = build_preference_dataset(
+            eval_records, tokenizer, template, training_args.max_length, "validation"
+        )
+
+    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    extra = {}
+    if trainer_class is DPOTrainer and not lora_args.use_peft:
+        # A frozen copy of the starting model (with any earlier adapter merged, as the policy has it).
+        extra["ref_model"] = load_model(model_args, None, training=False)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        **extra,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics = dict(train_result.metrics)
+    loss = training_args.loss_type
+    metrics["loss_type"] = loss if isinstance(loss, str) else ",".join(loss)
+    metrics.update({f"train_pairs_{k}": v for k, v in train_counts.items()})
+    metrics.update({f"eval_pairs_{k}": v for k, v in eval_counts.items()})
+    if eval_dataset is not None:
+        metrics.update(final_eval_metrics(trainer, perplexity=False))
+        logger.info(
+            "Held-out reward accuracy %.3f, margin %.3f",
+            metrics.get("eval_rewards/accuracies", float("nan")), metrics.get("eval_rewards/margins", float("nan")),
+        )
+    trainer.log_metrics("final", metrics)
+    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Stage 1: continued pretraining (PT) of a causal LM on medical text.
+
+Reads documents from .txt files (one document per line; with --txt_paragraphs, paragraphs
+separated by blank lines) and .jsonl/.json records with a `text` field. Exact duplicate
+documents are removed and counted. Each document ends with EOS; all are concatenated and cut
+into blocks of --block_size tokens, the standard continued-pretraining recipe. Validation
+perplexity is reported before and after training.
+
+Example (embedded default model, shipped text):
+    python pretraining.py --config configs/pt.yaml
+
+Outputs in --output_dir: the adapter (LoRA) or full model, the tokenizer, medgpt_config.yaml,
+metrics.json, loss.png. The next stage takes it as --model_name_or_path (full model) or as
+--adapter_name_or_path on the same base (LoRA).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.datasets import (
+    build_pretraining_blocks,
+    deduplicate_documents,
+    load_train_validation,
+    text_document_reader,
+)
+from medgpt.modeling import load_model, load_tokenizer
+from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from template import get_template
+
+logger = logging.getLogger("medgpt.pt")
+
+
+@dataclass
+class PretrainArguments:
+    """How documents become training blocks."""
+
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block."})
+    txt_paragraphs: bool = field(
+        default=False,
+        metadata={"help": "In .txt files, a document is a paragraph (blank-line separated) instead of a line."},
+    )
+
+
+def parse(argv: list[str] | None = None):
+    """The stage's arguments from --config and the command line."""
+    return parse_args((ModelArguments, DataArguments, LoraArguments, PretrainArguments, TrainingArguments), argv, description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, lora_args, pt_args, training_args, resolved = parse(argv)
+    start_run(training_args, resolved)
+
+    tokenizer = load_tokenizer(model_args)
+    template = get_template(model_args.template_name, tokenizer)  # saved with the model for the next stages
+
+    train_docs, eval_docs = load_train_validation(
+        data_args, text_document_reader(pt_args.txt_paragraphs), "pretraining text", training_args.seed,
+        extensions=(".txt", ".jsonl", ".json"),
+    )
+    train_docs, eval_docs, dedup_counts = deduplicate_documents(train_docs, eval_docs)
+    train_dataset, train_counts = build_pretraining_blocks(
+        train_docs, tokenizer, pt_args.block_size, data_args.preprocessing_num_workers, "train"
+    )
+    eval_dataset, eval_counts = (None, {})
+    if eval_docs:
+        eval_dataset, eval_counts = build_pretraining_blocks(
+            eval_docs, tokenizer, pt_args.block_size, data_args.preprocessing_num_workers, "validation"
+        )
+
+    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    metrics = {}
+    if eval_dataset is not None:
+        before = trainer.evaluate()
+        metrics["eval_perplexity_before"] = math.exp(min(before["eval_loss"], 50))
+        logger.info("Validation perplexity before training: %.2f", metrics["eval_perplexity_before"])
+
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics.update(train_result.metrics)
+    metrics.update(dedup_counts)
+    metrics.update({f"train_{k}": v for k, v in train_counts.items()})
+    metrics.update({f"eval_{k}": v for k, v in eval_counts.items()})
+    if eval_dataset is not None:
+        metrics.update(final_eval_metrics(trainer))
+        logger.info("Validation perplexity: %.2f before, %.2f after training",
+                    metrics["eval_perplexity_before"], metrics["eval_perplexity"])
+    trainer.log_metrics("final", metrics)
+    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

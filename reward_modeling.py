@@ -1,0 +1,92 @@
+"""Stage 3 (RM): train a pairwise reward model that scores answers, for PPO and GRPO.
+
+A sequence-classification head (one score) on top of the SFT model learns to score the `chosen`
+answer above the `rejected` one (TRL's RewardTrainer, Bradley-Terry loss). Conversations are
+rendered with the same chat template as SFT. Held-out pairwise accuracy (chosen scored above
+rejected) and the mean score margin are reported before and after training.
+
+Preference formats, detected per record (.jsonl/.json):
+    {"conversations": [...prompt turns...], "chosen": "...", "rejected": "..."}   (or "messages")
+    {"system": "...", "history": [[q, a]], "question": "...", "response_chosen": "...", "response_rejected": "..."}
+    {"prompt": "..." or [...messages...], "chosen": "..." or [assistant message], "rejected": ...}
+
+Example, on the SFT output (merged, or base + adapter):
+    python reward_modeling.py --config configs/rm.yaml --model_name_or_path outputs/sft-merged
+
+Outputs in --output_dir: a complete reward model (LoRA is merged in, so PPO and GRPO load the
+folder directly), the tokenizer with its chat template, medgpt_config.yaml, metrics.json, loss.png.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import RewardConfig, RewardTrainer
+
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.datasets import build_preference_dataset, json_reader, load_train_validation, preference_from_record
+from medgpt.modeling import load_model, load_tokenizer
+from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from template import get_template
+
+logger = logging.getLogger("medgpt.rm")
+
+
+def parse(argv: list[str] | None = None):
+    """The stage's arguments from --config and the command line."""
+    return parse_args((ModelArguments, DataArguments, LoraArguments, RewardConfig), argv, description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, lora_args, training_args, resolved = parse(argv)
+    start_run(training_args, resolved)
+
+    tokenizer = load_tokenizer(model_args)
+    template = get_template(model_args.template_name, tokenizer)
+    tokenizer.chat_template = template.jinja  # TRL renders the conversations with the stage's template
+
+    train_records, eval_records = load_train_validation(
+        data_args, json_reader(preference_from_record), "preference data", training_args.seed
+    )
+    train_dataset, train_counts = build_preference_dataset(
+        train_records, tokenizer, template, training_args.max_length, "train"
+    )
+    eval_dataset, eval_counts = (None, {})
+    if eval_records:
+        eval_dataset, eval_counts = build_preference_dataset(
+            eval_records, tokenizer, template, training_args.max_length, "validation"
+        )
+
+    model = load_model(
+        model_args, lora_args, task="sequence-classification", num_labels=1,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    metrics = {}
+    if eval_dataset is not None:
+        before = trainer.evaluate()
+        metrics.update({"eval_accuracy_before": before["eval_accuracy"], "eval_margin_before": before["eval_margin"]})
+        logger.info("Before training: held-out accuracy %.3f, margin %.3f", before["eval_accuracy"], before["eval_margin"])
+
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    metrics.update(train_result.metrics)
+    metrics.update({f"train_pairs_{k}": v for k, v in train_counts.items()})
+    metrics.update({f"eval_pairs_{k}": v for k, v in eval_counts.items()})
+    if eval_dataset is not None:
+        metrics.update(final_eval_metrics(trainer, perplexity=False))
+        logger.info("After training: held-out accuracy %.3f, margin %.3f", metrics["eval_accuracy"], metrics["eval_margin"])
+    trainer.log_metrics("final", metrics)
+    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir, merge_adapter=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
