@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import set_seed
 
     set_seed(args.seed)
-    chat = ChatModel(model_args, device=args.device)
+    chat = ChatModel.load(model_args, device=args.device)
     if args.data_file:
         run_batch(chat, args, generation_args)
     if args.interactive:

@@ -220,6 +220,12 @@ def _read_config(path: str, known: set[str]) -> dict[str, Any]:
 
 
 def _to_plain(instance) -> dict[str, Any]:
-    if hasattr(instance, "to_dict"):  # TrainingArguments: serializable values, tokens redacted
-        return instance.to_dict()
+    if hasattr(instance, "to_dict"):
+        # TrainingArguments: serializable values, every field ending in "_token" redacted; only the hub
+        # credentials are secret, so settings such as PPO's stop_token are put back.
+        plain = instance.to_dict()
+        for key, value in plain.items():
+            if value == f"<{key.upper()}>" and "hub" not in key:
+                plain[key] = getattr(instance, key)
+        return plain
     return dataclasses.asdict(instance)

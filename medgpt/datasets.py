@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -377,10 +378,7 @@ def text_document_reader(paragraphs: bool = False) -> Callable[[Sequence[Path]],
                     except ValueError as error:
                         problems.append(f"{record.source}: {error} Each record needs a non-empty 'text' string.")
                 continue
-            before = len(documents)
-            documents += _read_text_file(path, paragraphs, problems)
-            if len(documents) == before and not any(p.startswith(f"{path}:") for p in problems):
-                problems.append(f"{path}: the file is empty.")
+            documents += _text_documents([path], paragraphs, problems)
         if problems:
             raise DataError(problems)
         return documents
@@ -597,3 +595,92 @@ def build_pretraining_blocks(documents: Sequence[tuple[str, str]], tokenizer, bl
                 name, counts["documents"], counts["tokens"], blocks, block_size, counts["tail_tokens_dropped"])
     data = stream[: blocks * block_size].reshape(blocks, block_size)
     return datasets.Dataset.from_dict({"input_ids": data.tolist()}), counts
+
+
+# ---------------------------------------------------------------- questions with verifiable answers (GRPO, evaluation)
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+ANSWER_INSTRUCTIONS = {
+    ("en", "choice"): 'Think it through briefly, then give the final answer on the last line as "Answer: <option letter(s)>".',
+    ("en", "open"): 'Think it through briefly, then give the final answer on the last line as "Answer: <short answer>".',
+    ("zh", "choice"): "请先简要分析，最后单独一行写“答案：<选项字母>”。",
+    ("zh", "open"): "请先简要分析，最后单独一行写“答案：<简短答案>”。",
+}
+
+
+def question_from_record(data: dict) -> dict:
+    """A question with a checkable answer: ``{"prompt": messages, "answer": str, "kind": "choice"|"open"}``.
+
+    Records: ``question`` + ``answer`` (a letter when the options are written in the question, else
+    free text), optionally ``options`` ({"A": ..., "B": ...} or a list, rendered into the prompt)
+    and ``system``. The prompt asks for brief reasoning and a final "Answer:"/"答案：" line.
+    """
+    for key in ("question", "answer"):
+        if key not in data:
+            raise ValueError(f"has no '{key}'. Expected 'question', 'answer' and optionally 'options'.")
+    question = _text(data["question"], "'question'")
+    answer = _text(data["answer"], "'answer'").strip()
+    options = data.get("options")
+    if isinstance(options, list):
+        options = dict(zip("ABCDEFGH", options))
+    if options is not None:
+        if not isinstance(options, dict) or not options:
+            raise ValueError("'options' must be an object like {\"A\": \"...\", \"B\": \"...\"} or a list.")
+        keys = "".join(sorted(str(k).strip().upper() for k in options))
+        if not re.fullmatch(r"[A-H]+", keys):
+            raise ValueError(f"option keys must be letters A-H, got {', '.join(map(str, options))}.")
+        letters = answer.upper().replace(",", "").replace(" ", "")
+        if not letters or any(c not in keys for c in letters):
+            raise ValueError(f"answer {answer!r} is not one of the option letters {', '.join(keys)}.")
+        answer = "".join(sorted(set(letters)))
+        question += "\n" + "\n".join(f"{str(k).strip().upper()}. {_text(v, f'option {k}')}" for k, v in sorted(options.items()))
+    kind = "choice" if re.fullmatch(r"[A-Ha-h]+", answer) and (options is not None or len(answer) <= 3) else "open"
+    language = "zh" if _CJK.search(question) else "en"
+    prompt = _system(data) + [{"role": "user", "content": f"{question}\n\n{ANSWER_INSTRUCTIONS[language, kind]}"}]
+    return {"prompt": prompt, "answer": answer.upper() if kind == "choice" else answer, "kind": kind}
+
+
+def prompt_from_record(data: dict) -> list[dict]:
+    """The prompt turns of any record: an SFT conversation without its last answer, a preference
+    pair's prompt, a question (with or without an answer), or {"prompt": "..."}."""
+    if any(key in data for key in ("chosen", "rejected", "response_chosen", "response_rejected")):
+        return preference_from_record(data)["prompt"]
+    if "prompt" in data:
+        value = data["prompt"]
+        messages = _turns(value, "prompt", "role", "content") if isinstance(value, list) else \
+            [{"role": "user", "content": _text(value, "'prompt'")}]
+    elif "question" in data and "answer" not in data:
+        messages = _system(data) + [{"role": "user", "content": _text(data["question"], "'question'")}]
+    else:
+        messages = record_to_messages(data)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    check_turn_order(messages, last_role="user")
+    return messages
+
+
+def prompt_reader(paths: Sequence[Path]) -> list[tuple[str, list[dict]]]:
+    """A reader for load_train_validation: prompts from .txt lines and from records of any format."""
+    problems: list[str] = []
+    prompts = []
+    text_files = [p for p in paths if p.suffix.lower() == ".txt"]
+    for source, line in _text_documents(text_files, False, problems):
+        prompts.append((source, [{"role": "user", "content": line}]))
+    try:
+        prompts += load_records([p for p in paths if p.suffix.lower() != ".txt"], prompt_from_record)
+    except DataError as error:
+        problems += error.problems
+    if problems:
+        raise DataError(problems)
+    return prompts
+
+
+def _text_documents(paths: Sequence[Path], paragraphs: bool, problems: list[str]) -> list[tuple[str, str]]:
+    """Documents of .txt files (lines, or paragraphs); an empty file is a problem."""
+    documents = []
+    for path in paths:
+        found = _read_text_file(path, paragraphs, problems)
+        if not found and not any(p.startswith(f"{path}:") for p in problems):
+            problems.append(f"{path}: the file is empty.")
+        documents += found
+    return documents

@@ -35,25 +35,31 @@ class GenerationArguments:
 class ChatModel:
     """A model, its tokenizer and its chat template, ready to answer conversations."""
 
-    def __init__(self, model_args: ModelArguments, device: str | None = None):
-        self.tokenizer = load_tokenizer(model_args, padding_side="left")
-        self.template = get_template(model_args.template_name, self.tokenizer)
-        self.model = load_model(model_args, None, training=False)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not (getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False)):
-            self.model.to(self.device)
-        self.model.eval()
-        stop_ids = {self.tokenizer.eos_token_id}
-        generation_eos = getattr(self.model.generation_config, "eos_token_id", None)
+    def __init__(self, model, tokenizer, template, device: str | None = None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.device = device or next(model.parameters()).device.type
+        stop_ids = {tokenizer.eos_token_id}
+        generation_eos = getattr(model.generation_config, "eos_token_id", None)
         stop_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.stop_strings = []
-        for word in self.template.stop_words:
-            ids = self.tokenizer.convert_tokens_to_ids(word) if word in self.tokenizer.get_vocab() else None
-            if ids is not None:
-                stop_ids.add(ids)
+        for word in template.stop_words:
+            if word in tokenizer.get_vocab():
+                stop_ids.add(tokenizer.convert_tokens_to_ids(word))
             else:
                 self.stop_strings.append(word)
         self.stop_ids = sorted(i for i in stop_ids if i is not None)
+
+    @classmethod
+    def load(cls, model_args: ModelArguments, device: str | None = None) -> "ChatModel":
+        """Load a model (merged, or base + --lora_model) with its tokenizer and template, for inference."""
+        tokenizer = load_tokenizer(model_args, padding_side="left")
+        template = get_template(model_args.template_name, tokenizer)
+        model = load_model(model_args, None, training=False)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+            model.to(device)
+        model.eval()
+        return cls(model, tokenizer, template, device)
 
     def prompt(self, messages: Sequence[dict], system_prompt: str | None = None) -> str:
         messages = list(messages)
@@ -77,7 +83,7 @@ class ChatModel:
         return kwargs
 
     def _encode(self, prompts: list[str]) -> dict:
-        batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def _clean(self, text: str) -> str:
@@ -90,7 +96,10 @@ class ChatModel:
         """Answer several conversations in one left-padded batch."""
         prompts = [self.prompt(messages, settings.system_prompt) for messages in conversations]
         batch = self._encode(prompts)
+        was_training = self.model.training
+        self.model.eval()
         output = self.model.generate(**batch, **self._generate_kwargs(settings))
+        self.model.train(was_training)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         return [self._clean(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

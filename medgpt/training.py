@@ -87,7 +87,8 @@ def final_eval_metrics(trainer, perplexity: bool = True) -> dict:
     return metrics
 
 
-def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, merge_adapter: bool = False) -> None:
+def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, merge_adapter: bool = False,
+                 plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
     """Model or adapter, tokenizer with the chat template it was trained with, metrics, loss plot.
 
     ``merge_adapter`` saves a LoRA run as a complete model (adapter merged), for stages whose
@@ -111,7 +112,7 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
     trainer.save_state()
     metrics = {key: value for key, value in metrics.items()}
     (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE)
+    plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
     logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
 
 

@@ -179,8 +179,16 @@ def sft_adapter(tiny_model_dir, tmp_path_factory):
     return root / "sft"
 
 
+@pytest.fixture(scope="module")
+def sft_merged(tiny_model_dir, sft_adapter):
+    from merge_peft_adapter import main as merge
+
+    return merge(["--base_model", str(tiny_model_dir), "--lora_model", str(sft_adapter),
+                  "--output_dir", str(sft_adapter.parent / "sft_merged")])
+
+
 @pytest.mark.slow
-def test_reward_model_from_sft_adapter(tiny_model_dir, sft_adapter, preference_dir, tmp_path):
+def test_reward_model_from_sft_adapter(tiny_model_dir, sft_adapter, sft_merged, preference_dir, tmp_path):
     import reward_modeling
     from transformers import AutoModelForSequenceClassification
 
@@ -200,7 +208,7 @@ def test_reward_model_from_sft_adapter(tiny_model_dir, sft_adapter, preference_d
     saved = load_file(out / "model.safetensors")
     assert "score.weight" in saved
     # the body is the SFT model (its adapter merged in) plus the reward model's own trained LoRA
-    assert changed(load_file(tiny_model_dir / "model.safetensors"), saved, "q_proj")
+    assert changed(load_file(sft_merged / "model.safetensors"), saved, "q_proj")
     with torch.no_grad():
         value = model(**{k: torch.tensor([v]) for k, v in {"input_ids": [5, 6, 7]}.items()}).logits
     assert value.shape == (1, 1)
@@ -210,7 +218,8 @@ def test_reward_model_from_sft_adapter(tiny_model_dir, sft_adapter, preference_d
 @pytest.mark.parametrize("variant", [["--loss_type", "sigmoid"], ["--loss_type", "ipo"], ["--use_peft", "false"],
                                      ["--loss_type", "orpo"], ["--loss_type", "simpo"]],
                          ids=["dpo-lora", "ipo-lora", "dpo-full", "orpo", "simpo"])
-def test_dpo_variants_train_and_load_in_inference(tiny_model_dir, sft_adapter, preference_dir, tmp_path, variant):
+def test_dpo_variants_train_and_load_in_inference(tiny_model_dir, sft_adapter, sft_merged, preference_dir, tmp_path,
+                                                  variant):
     import dpo_training
     from medgpt.args import ModelArguments
     from medgpt.generation import ChatModel, GenerationArguments
@@ -227,14 +236,11 @@ def test_dpo_variants_train_and_load_in_inference(tiny_model_dir, sft_adapter, p
     if (out / "adapter_config.json").exists():
         assert changed({k: torch.zeros_like(v) for k, v in load_file(out / "adapter_model.safetensors").items()},
                        load_file(out / "adapter_model.safetensors"), "lora_B")
-        # the DPO adapter sits on the SFT model: merge SFT first, then this adapter
-        from merge_peft_adapter import main as merge
-
-        sft_merged = merge(["--base_model", str(tiny_model_dir), "--lora_model", str(sft_adapter),
-                            "--output_dir", str(tmp_path / "sft_merged")])
+        # the DPO adapter sits on the SFT model (the SFT adapter merged in)
         model_args = ModelArguments(model_name_or_path=str(sft_merged), adapter_name_or_path=str(out))
     else:
+        assert changed(load_file(sft_merged / "model.safetensors"), load_file(out / "model.safetensors"))
         model_args = ModelArguments(model_name_or_path=str(out))
-    chat = ChatModel(model_args)
+    chat = ChatModel.load(model_args)
     answers = chat.generate([[{"role": "user", "content": "Chest pain?"}]], GenerationArguments(max_new_tokens=3, temperature=0))
     assert len(answers) == 1 and isinstance(answers[0], str)

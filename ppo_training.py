@@ -1,0 +1,144 @@
+"""Stage 4 (PPO): reinforcement learning from human feedback with the reward model.
+
+The policy starts from the SFT model and writes answers to prompts; the reward model from
+reward_modeling.py scores them; PPO (TRL 1.12's trl.experimental.ppo) raises the score while a
+KL penalty keeps the policy near a frozen reference (with LoRA: the policy with its adapter
+switched off). The value model starts from the reward model.
+
+Prompts come from any SFT file (the turns before the last answer), any preference file (its
+prompt), question files ({"question": ...}), {"prompt": "..."} records or plain .txt lines, and
+are rendered by the chat template exactly as SFT rendered them.
+
+What PPO users tune: --response_length, --kl_coef, --cliprange, --cliprange_value, --vf_coef,
+--num_mini_batches, --num_ppo_epochs, --temperature, --stop_token eos, --missing_eos_penalty,
+--total_episodes, --per_device_train_batch_size, --gradient_accumulation_steps; LoRA for the policy.
+Reward, KL and value loss are logged every step (objective/scores, objective/kl, loss/value_avg).
+
+Example:
+    python ppo_training.py --config configs/ppo.yaml --model_name_or_path outputs/sft-merged \\
+        --reward_model_path outputs/rm
+
+Outputs in --output_dir: the policy (adapter or full model) in the same layout as SFT, so
+inference.py and merge_peft_adapter.py take it unchanged; medgpt_config.yaml, metrics.json and a
+plot of the reward and KL curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import datasets
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in TRL 1.12
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
+
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args  # noqa: E402
+from medgpt.datasets import load_train_validation, prompt_reader  # noqa: E402
+from medgpt.modeling import load_model, load_tokenizer  # noqa: E402
+from medgpt.training import save_outputs, start_run  # noqa: E402
+from template import get_template  # noqa: E402
+
+logger = logging.getLogger("medgpt.ppo")
+
+
+@dataclass
+class PPOScriptArguments:
+    """Prompt length."""
+
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts longer than this many tokens are skipped (counted and reported)."}
+    )
+
+
+def parse(argv: list[str] | None = None):
+    """The stage's arguments from --config and the command line."""
+    return parse_args(
+        (ModelArguments, DataArguments, LoraArguments, PPOScriptArguments, PPOConfig), argv, description=__doc__
+    )
+
+
+def check_model_paths(training_args: PPOConfig) -> None:
+    """PPOConfig carries hub defaults for its model paths; MedGPT takes the policy from
+    --model_name_or_path and needs a local reward model."""
+    defaults = {f.name: f.default for f in fields(PPOConfig)}
+    if training_args.sft_model_path != defaults["sft_model_path"]:
+        raise SystemExit("--sft_model_path is not used here: pass the SFT model as --model_name_or_path "
+                         "(and --adapter_name_or_path for an SFT adapter).")
+    if training_args.reward_model_path == defaults["reward_model_path"] or not training_args.reward_model_path:
+        raise SystemExit("--reward_model_path is required: the output folder of reward_modeling.py.")
+    if not Path(training_args.reward_model_path, "config.json").is_file():
+        raise SystemExit(f"--reward_model_path {training_args.reward_model_path}: not a model folder (no config.json). "
+                         "Train one with reward_modeling.py (a LoRA reward model is saved merged).")
+
+
+def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name: str):
+    """Prompt token ids rendered with the template's generation prompt; over-long prompts skipped and reported."""
+    rows, skipped = [], []
+    for source, messages in records:
+        ids = tokenizer(template.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            skipped.append(source)
+        else:
+            rows.append({"input_ids": ids})
+    if skipped:
+        logger.warning("%s: skipped %d prompt(s) longer than --max_prompt_length %d: %s%s", name, len(skipped),
+                       max_prompt_length, ", ".join(skipped[:10]), " ..." if len(skipped) > 10 else "")
+    if not rows:
+        raise SystemExit(f"No {name} prompts fit --max_prompt_length {max_prompt_length}.")
+    return datasets.Dataset.from_list(rows), len(skipped)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
+    check_model_paths(training_args)
+    start_run(training_args, resolved)
+
+    tokenizer = load_tokenizer(model_args, padding_side="left")
+    template = get_template(model_args.template_name, tokenizer)
+
+    train_records, eval_records = load_train_validation(
+        data_args, prompt_reader, "PPO prompts", training_args.seed, extensions=(".jsonl", ".json", ".txt")
+    )
+    train_dataset, train_skipped = tokenize_prompts(
+        train_records, tokenizer, template, script_args.max_prompt_length, "train")
+    eval_dataset, eval_skipped = tokenize_prompts(
+        eval_records or train_records[:2], tokenizer, template, script_args.max_prompt_length, "validation")
+
+    policy = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    # With LoRA the reference is the policy with its adapter off; full training needs a frozen copy.
+    ref_policy = None if lora_args.use_peft else load_model(model_args, None, training=False)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(training_args.reward_model_path, num_labels=1)
+    value_model = AutoModelForSequenceClassification.from_pretrained(training_args.reward_model_path, num_labels=1)
+    for model in (reward_model, value_model):
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    trainer = PPOTrainer(
+        args=training_args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref_policy,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+    )
+    trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
+    metrics = {
+        "train_prompts": len(train_dataset), "train_prompts_skipped": train_skipped,
+        "eval_prompts_skipped": eval_skipped, "steps": len(steps), "episodes": trainer.state.episode,
+    }
+    for key in ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/value_avg", "loss/policy_avg"):
+        if steps:
+            metrics[f"{key}_first"], metrics[f"{key}_last"] = steps[0][key], steps[-1][key]
+    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir,
+                 plot_keys=("objective/scores", "objective/kl", "loss/value_avg"))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

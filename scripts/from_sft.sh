@@ -1,0 +1,12 @@
+# Sourced by run_rm.sh, run_dpo.sh, run_ppo.sh and run_grpo.sh: start from the SFT output when there
+# is one. A LoRA adapter is merged into the base model, a full model folder is used as it is.
+# Sets the bash array FROM; SFT_OUTPUT overrides the folder (default outputs/sft).
+SFT=${SFT_OUTPUT:-outputs/sft}
+FROM=()
+if [ -f "$SFT/adapter_config.json" ]; then
+  FROM=(--adapter_name_or_path "$SFT")
+elif [ -f "$SFT/config.json" ]; then
+  FROM=(--model_name_or_path "$SFT")
+else
+  echo "note: no SFT output at $SFT (run run_sft.sh first); starting from the embedded base model" >&2
+fi
