@@ -36,6 +36,10 @@ class InferenceArguments:
     batch_size: int = field(default=8, metadata={"help": "Questions generated together in batch mode."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
     seed: int = field(default=42, metadata={"help": "Random seed for sampling."})
+    vllm: bool = field(
+        default=False,
+        metadata={"help": "Batch mode with vLLM's offline engine (GPU; pip install -r requirements-vllm.txt)."},
+    )
 
 
 def read_questions(path: str) -> list[dict]:
@@ -70,18 +74,51 @@ def read_questions(path: str) -> list[dict]:
 
 def run_batch(chat: ChatModel, args: InferenceArguments, settings: GenerationArguments) -> None:
     items = read_questions(args.data_file)
-    output = Path(args.output_file)
+    answers = []
+    for start in tqdm(range(0, len(items), args.batch_size), desc="Generating", unit="batch"):
+        chunk = items[start : start + args.batch_size]
+        answers += chat.generate([item["messages"] for item in chunk], settings)
+    write_answers(args.output_file, items, answers)
+
+
+def run_batch_vllm(model_args: ModelArguments, args: InferenceArguments, settings: GenerationArguments) -> None:
+    """Batch answers with vLLM's offline engine, rendering prompts with the same template."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise SystemExit("--vllm needs vLLM: python -m venv .venv-vllm && .venv-vllm/bin/pip install -r "
+                         "requirements-vllm.txt, then run inference.py with .venv-vllm/bin/python.") from None
+    from medgpt.modeling import load_tokenizer, resolve_model_path
+    from template import get_template
+
+    items = read_questions(args.data_file)
+    tokenizer = load_tokenizer(model_args, padding_side="left")
+    template = get_template(model_args.template_name, tokenizer)
+    system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    prompts = [template.render(system + item["messages"], add_generation_prompt=True) for item in items]
+    lora = model_args.adapter_name_or_path
+    llm = LLM(model=resolve_model_path(model_args), seed=args.seed, enable_lora=bool(lora),
+              trust_remote_code=model_args.trust_remote_code)
+    sampling = SamplingParams(
+        max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k if settings.top_k > 0 else -1, repetition_penalty=settings.repetition_penalty,
+        stop=template.stop_words or None,
+    )
+    outputs = llm.generate(prompts, sampling, lora_request=LoRARequest("medgpt", 1, lora) if lora else None)
+    write_answers(args.output_file, items, [output.outputs[0].text.strip() for output in outputs])
+
+
+def write_answers(path: str, items: list[dict], answers: list[str]) -> None:
+    output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as sink:
-        for start in tqdm(range(0, len(items), args.batch_size), desc="Generating", unit="batch"):
-            chunk = items[start : start + args.batch_size]
-            answers = chat.generate([item["messages"] for item in chunk], settings)
-            for item, answer in zip(chunk, answers):
-                row = {"question": item["messages"][-1]["content"], "answer": answer}
-                if "reference" in item:
-                    row["reference"] = item["reference"]
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"Wrote {len(items)} answers to {output}")
+        for item, answer in zip(items, answers):
+            row = {"question": item["messages"][-1]["content"], "answer": answer}
+            if "reference" in item:
+                row["reference"] = item["reference"]
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"Wrote {len(answers)} answers to {output}")
 
 
 def run_interactive(chat: ChatModel, settings: GenerationArguments) -> None:
@@ -118,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.interactive and not args.data_file:
         raise SystemExit("Nothing to do: pass --interactive for a chat, or --data_file FILE for batch answers.")
+    if args.vllm:
+        if args.interactive:
+            raise SystemExit("--vllm is for batch mode (--data_file); chat interactively without it.")
+        return run_batch_vllm(model_args, args, generation_args)
     from transformers import set_seed
 
     set_seed(args.seed)

@@ -48,6 +48,7 @@ class ChatModel:
             else:
                 self.stop_strings.append(word)
         self.stop_ids = sorted(i for i in stop_ids if i is not None)
+        self.lock = threading.Lock()  # one generation at a time on this model; others wait their turn
 
     @classmethod
     def load(cls, model_args: ModelArguments, device: str | None = None) -> "ChatModel":
@@ -67,9 +68,9 @@ class ChatModel:
             messages = [{"role": "system", "content": system_prompt}] + messages
         return self.template.render(messages, add_generation_prompt=True)
 
-    def _generate_kwargs(self, settings: GenerationArguments, max_new_tokens: int | None = None) -> dict:
+    def _generate_kwargs(self, settings: GenerationArguments, stop: Sequence[str] = ()) -> dict:
         kwargs = dict(
-            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            max_new_tokens=settings.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             repetition_penalty=settings.repetition_penalty,
@@ -78,33 +79,58 @@ class ChatModel:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.stop_strings:
-            kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+        stop_strings = [*self.stop_strings, *stop]
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         return kwargs
 
     def _encode(self, prompts: list[str]) -> dict:
         batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def _clean(self, text: str) -> str:
-        for word in self.stop_strings:
-            text = text.split(word)[0]
-        return text.strip()
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+        """Text before the first stop string, and whether one was found."""
+        positions = [text.find(word) for word in stop if word and word in text]
+        return (text[: min(positions)], True) if positions else (text, False)
 
     @torch.inference_mode()
-    def generate(self, conversations: Sequence[Sequence[dict]], settings: GenerationArguments) -> list[str]:
-        """Answer several conversations in one left-padded batch."""
+    def complete(self, conversations: Sequence[Sequence[dict]], settings: GenerationArguments,
+                 stop: Sequence[str] = ()) -> list[Completion]:
+        """Answer several conversations in one left-padded batch, with token counts."""
         prompts = [self.prompt(messages, settings.system_prompt) for messages in conversations]
         batch = self._encode(prompts)
-        was_training = self.model.training
-        self.model.eval()
-        output = self.model.generate(**batch, **self._generate_kwargs(settings))
-        self.model.train(was_training)
+        with self.lock:
+            was_training = self.model.training
+            self.model.eval()
+            output = self.model.generate(**batch, **self._generate_kwargs(settings, stop))
+            self.model.train(was_training)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        return [self._clean(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        results = []
+        for row, prompt_mask in zip(new_tokens, batch["attention_mask"]):
+            generated = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
+            ended = bool(generated) and generated[-1] in self.stop_ids
+            text, stopped = self._cut(self.tokenizer.decode(generated, skip_special_tokens=True),
+                                      [*self.stop_strings, *stop])
+            finish = "stop" if ended or stopped or len(generated) < settings.max_new_tokens else "length"
+            results.append(Completion(text.strip(), int(prompt_mask.sum()), len(generated), finish))
+        return results
 
-    def stream(self, messages: Sequence[dict], settings: GenerationArguments, stop_event=None) -> Iterator[str]:
-        """Yield the answer in pieces as it is generated; setting ``stop_event`` ends generation early."""
+    def generate(self, conversations: Sequence[Sequence[dict]], settings: GenerationArguments) -> list[str]:
+        """Answer several conversations in one left-padded batch."""
+        return [completion.text for completion in self.complete(conversations, settings)]
+
+    def stream(self, messages: Sequence[dict], settings: GenerationArguments, stop: Sequence[str] = (),
+               stop_event: threading.Event | None = None) -> Iterator[str]:
+        """Yield the answer in pieces as it is generated.
+
+        Generation ends early when ``stop_event`` is set, when a stop string appears, or when the
+        caller stops iterating (a closed browser tab, a disconnected client): the generation thread
+        is always told to stop, so no orphaned generation keeps the model busy.
+        """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         stop_event = stop_event or threading.Event()
@@ -115,21 +141,47 @@ class ChatModel:
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         batch = self._encode([self.prompt(messages, settings.system_prompt)])
-        kwargs = dict(**batch, **self._generate_kwargs(settings), streamer=streamer,
+        kwargs = dict(**batch, **self._generate_kwargs(settings, stop), streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([_Stop()]))
-        thread = threading.Thread(target=lambda: self._generate_in_thread(kwargs), daemon=True)
+        thread = threading.Thread(target=self._generate_in_thread, args=(kwargs, streamer), daemon=True)
         thread.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            cut = min((text.find(w) for w in self.stop_strings if w in text), default=-1)
-            if cut >= 0:
-                yield piece[: max(0, len(piece) - (len(text) - cut))]
-                stop_event.set()
-                break
-            yield piece
-        thread.join()
+        stops = [*self.stop_strings, *stop]
+        text, sent = "", 0
+        try:
+            for piece in streamer:
+                text += piece
+                visible, stopped = self._cut(text, stops)
+                # hold back a tail that could be the start of a stop string
+                hold = 0 if stopped else max((len(w) - 1 for w in stops), default=0)
+                end = max(sent, len(visible) - hold)
+                if end > sent:
+                    yield visible[sent:end]
+                    sent = end
+                if stopped:
+                    break
+            else:
+                visible, _ = self._cut(text, stops)
+                if len(visible) > sent:
+                    yield visible[sent:]
+        finally:
+            stop_event.set()
+            thread.join()
 
     @torch.inference_mode()
-    def _generate_in_thread(self, kwargs: dict) -> None:
-        self.model.generate(**kwargs)
+    def _generate_in_thread(self, kwargs: dict, streamer) -> None:
+        try:
+            with self.lock:
+                self.model.generate(**kwargs)
+        except Exception:
+            streamer.end()  # unblock the reader; the error is re-raised in the log
+            raise
+
+
+@dataclass
+class Completion:
+    """One generated answer."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens reached)

@@ -9,7 +9,7 @@ from conftest import ROOT, run_script
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 
 SCRIPTS = ["pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py", "ppo_training.py",
-           "grpo_training.py", "merge_peft_adapter.py", "inference.py", "template.py"]
+           "grpo_training.py", "merge_peft_adapter.py", "inference.py", "gradio_demo.py", "openai_api.py", "template.py"]
 STAGE_OF_CONFIG = {"pt.yaml": "pretraining", "sft.yaml": "supervised_finetuning", "rm.yaml": "reward_modeling",
                    "dpo.yaml": "dpo_training", "ppo.yaml": "ppo_training", "grpo.yaml": "grpo_training"}
 
@@ -69,3 +69,16 @@ def test_shared_flag_fills_every_dataclass():
         (ModelArguments, DataArguments, LoraArguments, SFTConfig), ["--trust_remote_code", "true"]
     )
     assert model_args.trust_remote_code and training_args.trust_remote_code
+
+
+def test_vllm_flag_without_vllm_says_how_to_install(tmp_path):
+    import importlib.util
+
+    import inference
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    questions = tmp_path / "q.txt"
+    questions.write_text("What is a fever?\n")
+    with pytest.raises(SystemExit, match="requirements-vllm.txt"):
+        inference.main(["--vllm", "--data_file", str(questions)])

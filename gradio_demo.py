@@ -1,0 +1,110 @@
+"""A web chat demo for a MedGPT model (Gradio).
+
+    python gradio_demo.py --base_model outputs/sft-merged
+    python gradio_demo.py --base_model BASE --lora_model outputs/sft --port 7860
+
+Streams answers, keeps the conversation, and has a system-prompt box, sampling controls,
+Stop and Clear buttons and example questions. Listens on 127.0.0.1 unless --host says otherwise;
+a public share link only with --share true. Requests wait in a queue (--concurrency_limit at a
+time) so several users do not crash it.
+
+Answers come from a language model: they can be wrong and are not medical advice.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from medgpt.args import ModelArguments, parse_args
+from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
+
+EXAMPLES = [
+    "I have had a sore throat and a mild fever for two days. When should I see a doctor?",
+    "What is the maximum daily dose of paracetamol for an adult, and who should take less?",
+    "My blood test says HbA1c 6.1%. What does that mean?",
+    "孩子发烧38.5℃，精神还好，家长应该怎么处理？",
+    "请解释一下血常规里白细胞偏高可能意味着什么。",
+]
+
+
+@dataclass
+class DemoArguments:
+    """Where the demo listens."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 exposes it to the network)."})
+    port: int = field(default=7860, metadata={"help": "Port to listen on."})
+    share: bool = field(default=False, metadata={"help": "Create a public gradio.live link (off by default)."})
+    concurrency_limit: int = field(default=1, metadata={"help": "Answers generated at the same time; others queue."})
+    max_queue_size: int = field(default=64, metadata={"help": "Requests that may wait in the queue."})
+
+
+def _text(content) -> str:
+    """Message content from the chat widget: a string, or a list of parts with text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, list):
+        return "".join(_text(part) for part in content)
+    return ""
+
+
+def build_demo(chat: ChatModel, defaults: GenerationArguments, args: DemoArguments) -> gr.Blocks:
+    with gr.Blocks(title="MedGPT") as demo:
+        gr.Markdown("# MedGPT medical assistant")
+        gr.Markdown(f"**{DISCLAIMER}**", elem_id="disclaimer")
+        chatbot = gr.Chatbot(elem_id="chatbot", height=440, label="Conversation")
+        with gr.Row():
+            question = gr.Textbox(placeholder="Ask a medical question…", show_label=False, elem_id="question", scale=6)
+            send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+            stop = gr.Button("Stop", elem_id="stop", scale=1)
+            clear = gr.Button("Clear", elem_id="clear", scale=1)
+        with gr.Accordion("Settings", open=False):
+            system = gr.Textbox(label="System prompt", value=defaults.system_prompt or "", lines=2,
+                                placeholder="Default: the model's own system prompt")
+            temperature = gr.Slider(0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
+            max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens")
+        gr.Examples(EXAMPLES, inputs=question, label="Example questions")
+
+        def respond(message, history, system_prompt, temperature, top_p, max_new_tokens):
+            if not message or not message.strip():
+                yield history, ""
+                return
+            history = list(history or []) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            messages = [{"role": m["role"], "content": _text(m["content"])} for m in history[:-1]]
+            if system_prompt.strip():
+                messages = [{"role": "system", "content": system_prompt.strip()}] + messages
+            settings = GenerationArguments(
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                top_k=defaults.top_k, repetition_penalty=defaults.repetition_penalty,
+            )
+            answer = ""
+            for piece in chat.stream(messages, settings):  # closing this generator (Stop) ends the generation
+                answer += piece
+                history[-1] = {"role": "assistant", "content": answer}
+                yield history, ""
+
+        inputs = [question, chatbot, system, temperature, top_p, max_new_tokens]
+        sent = send.click(respond, inputs, [chatbot, question])
+        submitted = question.submit(respond, inputs, [chatbot, question])
+        stop.click(None, None, None, cancels=[sent, submitted])
+        clear.click(lambda: ([], ""), None, [chatbot, question], cancels=[sent, submitted])
+    demo.queue(default_concurrency_limit=args.concurrency_limit, max_size=args.max_queue_size)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, generation_args, demo_args, _ = parse_args(
+        (ModelArguments, GenerationArguments, DemoArguments), argv, description=__doc__
+    )
+    chat = ChatModel.load(model_args)
+    demo = build_demo(chat, generation_args, demo_args)
+    demo.launch(server_name=demo_args.host, server_port=demo_args.port, share=demo_args.share)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,184 @@
+"""Serving for real: the OpenAI-compatible API with the official client, and the web demo in Chromium."""
+
+import concurrent.futures
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(script: str, *args: str, ready_url: str, timeout: float = 180) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{script} exited early:\n{process.stdout.read()[-4000:]}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code < 500:
+                return process
+        except httpx.HTTPError:
+            time.sleep(1)
+    process.kill()
+    raise AssertionError(f"{script} did not come up in {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model_dir):
+    port = free_port()
+    process = start("openai_api.py", "--base_model", str(tiny_model_dir), "--port", str(port), "--api_key", "test-key",
+                    "--max_input_tokens", "256", "--max_tokens_limit", "64", ready_url=f"http://127.0.0.1:{port}/health")
+    yield f"http://127.0.0.1:{port}/v1"
+    stop(process)
+
+
+def client(base_url, key="test-key"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+
+
+QUESTION = [{"role": "user", "content": "What is a fever?"}]
+
+
+def test_models_and_plain_completion(api):
+    c = client(api)
+    assert [m.id for m in c.models.list().data] == ["medgpt"]
+    reply = c.chat.completions.create(model="medgpt", messages=QUESTION, max_tokens=6, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str)
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 6
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    again = c.chat.completions.create(model="medgpt", messages=QUESTION, max_tokens=6, temperature=0)
+    assert again.choices[0].message.content == reply.choices[0].message.content  # greedy is deterministic
+
+
+def test_streamed_completion_matches_chunk_format(api):
+    c = client(api)
+    stream = c.chat.completions.create(model="medgpt", messages=QUESTION, max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    content = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    plain = c.chat.completions.create(model="medgpt", messages=QUESTION, max_tokens=6, temperature=0)
+    assert "".join(content).strip() == plain.choices[0].message.content
+    raw = httpx.post(f"{api}/chat/completions", headers={"Authorization": "Bearer test-key"}, timeout=60,
+                     json={"messages": QUESTION, "max_tokens": 3, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_wrong_key_gets_401(api):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError) as error:
+        client(api, key="wrong").chat.completions.create(model="medgpt", messages=QUESTION, max_tokens=3)
+    assert error.value.status_code == 401 and error.value.body["code"] == "invalid_api_key"
+    assert httpx.get(f"{api}/models").status_code == 401
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "doctor", "content": "x"}]}, "messages.0.role"),
+    ({"messages": QUESTION, "n": 2}, "n"),
+    ({"messages": QUESTION, "max_tokens": 5000}, "max_tokens"),
+    ({"messages": QUESTION, "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 4}, "messages"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "max_tokens": 4}, "messages"),
+])
+def test_bad_requests_get_400_with_openai_error_body(api, body, param):
+    response = httpx.post(f"{api}/chat/completions", json=body, headers={"Authorization": "Bearer test-key"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_malformed_json_is_400_not_500(api):
+    response = httpx.post(f"{api}/chat/completions", content=b"{not json", timeout=30,
+                          headers={"Authorization": "Bearer test-key", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_disconnect_mid_stream_does_not_stop_the_server(api):
+    with httpx.stream("POST", f"{api}/chat/completions", headers={"Authorization": "Bearer test-key"}, timeout=60,
+                      json={"messages": QUESTION, "max_tokens": 64, "stream": True}) as response:
+        next(response.iter_lines())  # read one event, then hang up
+    started = time.time()
+    reply = client(api).chat.completions.create(model="medgpt", messages=QUESTION, max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    assert time.time() - started < 60
+
+
+def test_32_concurrent_requests_all_answered(api):
+    def ask(index):
+        started = time.perf_counter()
+        reply = client(api).chat.completions.create(
+            model="medgpt", messages=[{"role": "user", "content": f"Question {index}: what is anemia?"}], max_tokens=4)
+        return time.perf_counter() - started, reply.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(ask, range(32), timeout=300))
+    latencies = sorted(latency for latency, _ in results)
+    assert len(results) == 32 and all(isinstance(text, str) for _, text in results)
+    p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95) - 1]
+    print(f"\n32 concurrent requests: p50 {p50:.2f}s, p95 {p95:.2f}s")
+
+
+def test_web_demo_streams_an_answer_in_chromium(tiny_model_dir, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("MEDGPT_REQUIRE_BROWSER"):
+            raise AssertionError("Chromium is not installed: run `apt-get install chromium` (run_tests.sh does).")
+        pytest.skip("Chromium is not installed (apt-get install chromium); run_tests.sh installs it")
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    process = start("gradio_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), "--max_new_tokens", "16",
+                    ready_url=f"http://127.0.0.1:{port}/")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.wait_for_selector("#question textarea", timeout=60000)
+            assert "not medical advice" in page.inner_text("#disclaimer")
+            page.fill("#question textarea", "What is a fever?")
+            page.click("#send")
+            page.wait_for_function(
+                "() => { const bots = document.querySelectorAll('#chatbot .bot');"
+                " return bots.length > 0 && bots[bots.length - 1].innerText.trim().length > 0; }", timeout=120000)
+            assert "What is a fever?" in page.inner_text("#chatbot")
+            page.screenshot(path=str(tmp_path / "gradio_demo.png"))
+            assert (tmp_path / "gradio_demo.png").stat().st_size > 10000
+            page.click("#clear")
+            page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('What is a fever?')",
+                                   timeout=30000)
+            browser.close()
+    finally:
+        stop(process)

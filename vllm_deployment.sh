@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Serve a MedGPT model with vLLM's OpenAI-compatible server on a GPU box. The same OpenAI client
+# code that talks to openai_api.py talks to it (base_url http://HOST:PORT/v1, model "medgpt").
+#
+#   bash vllm_deployment.sh outputs/sft-merged                         # a merged / full model
+#   bash vllm_deployment.sh BASE_MODEL --lora outputs/dpo              # base + a LoRA adapter
+#   PORT=8001 API_KEY=secret bash vllm_deployment.sh outputs/sft-merged --tensor-parallel-size 2
+#
+# The chat template the model was trained with (chat_template.jinja in the trained folder, or in
+# the adapter folder) is passed to vLLM, so prompts render exactly as in training.
+# vLLM pins its own CUDA torch: install it in its own environment first:
+#   python -m venv .venv-vllm && .venv-vllm/bin/pip install -r requirements-vllm.txt
+# Extra arguments go to `vllm serve`. Answers are not medical advice.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODEL=${1:?usage: bash vllm_deployment.sh MODEL_DIR [--lora ADAPTER_DIR] [vllm serve args...]}
+shift
+LORA=""
+if [ "${1:-}" = "--lora" ]; then
+  LORA=${2:?--lora needs an adapter folder}
+  shift 2
+fi
+VLLM=${VLLM_BIN:-.venv-vllm/bin/vllm}
+if [ ! -x "$VLLM" ]; then
+  VLLM=$(command -v vllm || true)
+fi
+if [ -z "$VLLM" ]; then
+  echo "vllm is not installed: python -m venv .venv-vllm && .venv-vllm/bin/pip install -r requirements-vllm.txt" >&2
+  exit 1
+fi
+TEMPLATE_DIR=${LORA:-$MODEL}
+NAME=medgpt
+if [ -n "$LORA" ]; then
+  NAME=medgpt-base  # the adapter is served as "medgpt", the bare base model as "medgpt-base"
+fi
+args=(serve "$MODEL" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --served-model-name "$NAME")
+if [ -f "$TEMPLATE_DIR/chat_template.jinja" ]; then
+  args+=(--chat-template "$TEMPLATE_DIR/chat_template.jinja")
+fi
+if [ -n "$LORA" ]; then
+  rank=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['r'])" "$LORA/adapter_config.json")
+  args+=(--enable-lora --lora-modules "medgpt=$LORA" --max-lora-rank "$(( rank < 16 ? 16 : rank ))")
+fi
+if [ -n "${API_KEY:-}" ]; then
+  args+=(--api-key "$API_KEY")
+fi
+echo "+ $VLLM ${args[*]} $*"
+exec "$VLLM" "${args[@]}" "$@"
