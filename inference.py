@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medgpt.args import ModelArguments, parse_args
-from medgpt.datasets import DataError, check_turn_order, read_json_records, record_to_messages
+from medgpt.datasets import DataError, qa_reader
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 
 
@@ -47,29 +47,10 @@ def read_questions(path: str) -> list[dict]:
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"--data_file {path}: no such file.")
-    if file.suffix.lower() not in (".jsonl", ".json"):
-        lines = file.read_text(encoding="utf-8").splitlines()
-        return [{"messages": [{"role": "user", "content": line.strip()}]} for line in lines if line.strip()]
-    problems: list[str] = []
-    items = []
-    for record in read_json_records([file], problems):
-        try:
-            data = record.data
-            if "question" in data and "answer" not in data:  # a bare question, no reference answer
-                messages = [{"role": "user", "content": data["question"]}]
-            else:
-                messages = record_to_messages(data)
-            item = {"source": record.source}
-            if messages[-1]["role"] == "assistant":
-                item["reference"] = messages[-1]["content"]
-                messages = messages[:-1]
-            check_turn_order(messages, last_role="user")
-            items.append({**item, "messages": messages})
-        except ValueError as error:
-            problems.append(f"{record.source}: {error}")
-    if problems:
-        raise DataError(problems, what="--data_file")
-    return items
+    try:
+        return [{"source": source, **item} for source, item in qa_reader([file])]
+    except DataError as error:
+        raise DataError(error.problems, what="--data_file") from None
 
 
 def run_batch(chat: ChatModel, args: InferenceArguments, settings: GenerationArguments) -> None:

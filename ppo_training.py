@@ -37,7 +37,7 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args  # noqa: E402
-from medgpt.datasets import load_train_validation, prompt_reader  # noqa: E402
+from medgpt.datasets import load_train_validation, qa_reader  # noqa: E402
 from medgpt.modeling import load_model, load_tokenizer  # noqa: E402
 from medgpt.training import save_outputs, start_run  # noqa: E402
 from template import get_template  # noqa: E402
@@ -78,8 +78,9 @@ def check_model_paths(training_args: PPOConfig) -> None:
 def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name: str):
     """Prompt token ids rendered with the template's generation prompt; over-long prompts skipped and reported."""
     rows, skipped = [], []
-    for source, messages in records:
-        ids = tokenizer(template.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    for source, item in records:
+        ids = tokenizer(template.render(item["messages"], add_generation_prompt=True),
+                        add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
             skipped.append(source)
         else:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     template = get_template(model_args.template_name, tokenizer)
 
     train_records, eval_records = load_train_validation(
-        data_args, prompt_reader, "PPO prompts", training_args.seed, extensions=(".jsonl", ".json", ".txt")
+        data_args, qa_reader, "PPO prompts", training_args.seed, extensions=(".jsonl", ".json", ".txt")
     )
     train_dataset, train_skipped = tokenize_prompts(
         train_records, tokenizer, template, script_args.max_prompt_length, "train")

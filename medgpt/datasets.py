@@ -640,11 +640,17 @@ def question_from_record(data: dict) -> dict:
     return {"prompt": prompt, "answer": answer.upper() if kind == "choice" else answer, "kind": kind}
 
 
-def prompt_from_record(data: dict) -> list[dict]:
-    """The prompt turns of any record: an SFT conversation without its last answer, a preference
-    pair's prompt, a question (with or without an answer), or {"prompt": "..."}."""
+def qa_item_from_record(data: dict) -> dict:
+    """The prompt turns of any record, with its reference answer when it has one:
+    ``{"messages": [... ending with a user turn], "reference": str (optional)}``.
+
+    Records: an SFT conversation (the last answer becomes the reference), a preference pair (its
+    prompt; `chosen` is the reference), a question with or without an answer, or {"prompt": "..."}.
+    """
     if any(key in data for key in ("chosen", "rejected", "response_chosen", "response_rejected")):
-        return preference_from_record(data)["prompt"]
+        pair = preference_from_record(data)
+        return {"messages": pair["prompt"], "reference": pair["chosen"]}
+    item = {}
     if "prompt" in data:
         value = data["prompt"]
         messages = _turns(value, "prompt", "role", "content") if isinstance(value, list) else \
@@ -654,25 +660,24 @@ def prompt_from_record(data: dict) -> list[dict]:
     else:
         messages = record_to_messages(data)
         if messages[-1]["role"] == "assistant":
+            item["reference"] = messages[-1]["content"]
             messages = messages[:-1]
     check_turn_order(messages, last_role="user")
-    return messages
+    return {"messages": messages, **item}
 
 
-def prompt_reader(paths: Sequence[Path]) -> list[tuple[str, list[dict]]]:
-    """A reader for load_train_validation: prompts from .txt lines and from records of any format."""
+def qa_reader(paths: Sequence[Path]) -> list[tuple[str, dict]]:
+    """A reader for load_train_validation: prompts (and references) from .txt lines and records of any format."""
     problems: list[str] = []
-    prompts = []
-    text_files = [p for p in paths if p.suffix.lower() == ".txt"]
-    for source, line in _text_documents(text_files, False, problems):
-        prompts.append((source, [{"role": "user", "content": line}]))
+    items = [(source, {"messages": [{"role": "user", "content": line}]})
+             for source, line in _text_documents([p for p in paths if p.suffix.lower() == ".txt"], False, problems)]
     try:
-        prompts += load_records([p for p in paths if p.suffix.lower() != ".txt"], prompt_from_record)
+        items += load_records([p for p in paths if p.suffix.lower() != ".txt"], qa_item_from_record)
     except DataError as error:
         problems += error.problems
     if problems:
         raise DataError(problems)
-    return prompts
+    return items
 
 
 def _text_documents(paths: Sequence[Path], paragraphs: bool, problems: list[str]) -> list[tuple[str, str]]:

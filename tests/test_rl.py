@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script, sft_records, write_jsonl
-from medgpt.datasets import DataError, json_reader, prompt_from_record, prompt_reader, question_from_record
+from medgpt.datasets import DataError, json_reader, qa_item_from_record, qa_reader, question_from_record
 
 COMMON = ["--logging_steps", "1", "--report_to", "none", "--gradient_checkpointing", "false", "--seed", "5"]
 
@@ -44,14 +44,17 @@ def test_bad_question_records_name_file_and_line(tmp_path, record, message):
 
 def test_prompts_from_every_format(tmp_path):
     sft = sft_records(4)
-    assert prompt_from_record(sft[1])[-1] == {"role": "user", "content": "And if it gets worse?"}
-    assert prompt_from_record(sft[2])[0]["content"] == "你好"  # Alpaca history kept
-    assert prompt_from_record({"question": "q"}) == [{"role": "user", "content": "q"}]
-    assert prompt_from_record({"prompt": "p", "chosen": "a", "rejected": "b"}) == [{"role": "user", "content": "p"}]
+    item = qa_item_from_record(sft[1])
+    assert item["messages"][-1] == {"role": "user", "content": "And if it gets worse?"}
+    assert item["reference"].startswith("See a doctor")
+    assert qa_item_from_record(sft[2])["messages"][0]["content"] == "你好"  # Alpaca history kept
+    assert qa_item_from_record({"question": "q"}) == {"messages": [{"role": "user", "content": "q"}]}
+    pair = qa_item_from_record({"prompt": "p", "chosen": "a", "rejected": "b"})
+    assert pair == {"messages": [{"role": "user", "content": "p"}], "reference": "a"}
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "third"}])
-    prompts = prompt_reader([tmp_path / "p.txt", tmp_path / "p.jsonl"])
-    assert [m[-1]["content"] for _, m in prompts] == ["first prompt", "second prompt", "third"]
+    prompts = qa_reader([tmp_path / "p.txt", tmp_path / "p.jsonl"])
+    assert [item["messages"][-1]["content"] for _, item in prompts] == ["first prompt", "second prompt", "third"]
 
 
 @pytest.fixture(scope="module")
