@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, then LoRA SFT of the embedded default model on the shipped
-# medical data, merge the adapter, and answer a few sample questions with the trained model.
-# Outputs: outputs/sft (adapter, loss.png, metrics.json), outputs/sft-merged, outputs/sample_answers.jsonl
+# The main job on a fresh machine: set up, then the whole pipeline on the embedded default model and
+# the shipped medical data (PT -> SFT -> RM -> DPO -> PPO -> GRPO), evaluation of the base model and
+# every stage, outputs/pipeline/report.md, and sample answers from the final model. About 20-25
+# minutes on 2 CPU cores. Arguments go to run_pipeline.py (--force, --stages ..., --output_dir ...).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
 PY=.venv/bin/python
-BASE=$($PY -m medgpt.base_model | tail -n 1)
+$PY run_pipeline.py "$@"
 
-echo "== [1/3] supervised fine-tuning (configs/sft.yaml) =="
-$PY supervised_finetuning.py --config configs/sft.yaml --output_dir outputs/sft
-echo "== [2/3] merging the LoRA adapter into the base model =="
-$PY merge_peft_adapter.py --base_model "$BASE" --lora_model outputs/sft --output_dir outputs/sft-merged
-echo "== [3/3] sample answers from the trained model =="
-$PY inference.py --base_model outputs/sft-merged --data_file data/demo_questions.txt \
-  --output_file outputs/sample_answers.jsonl --temperature 0 --max_new_tokens 160 --batch_size 4
-$PY - <<'PYEOF'
-import json
-for line in open("outputs/sample_answers.jsonl", encoding="utf-8"):
+OUT=outputs/pipeline
+for arg in "$@"; do case $arg in --output_dir=*) OUT=${arg#*=};; esac; done
+if [ -f "$OUT/grpo/adapter_config.json" ]; then
+  echo "== sample answers from the final model (SFT + GRPO adapter) =="
+  $PY inference.py --base_model "$OUT/sft-merged" --lora_model "$OUT/grpo" --data_file data/demo_questions.txt \
+    --output_file "$OUT/sample_answers.jsonl" --temperature 0 --max_new_tokens 160 --batch_size 4
+  $PY - "$OUT/sample_answers.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1], encoding="utf-8"):
     row = json.loads(line)
     print(f"\nQ: {row['question']}\nA: {row['answer']}")
-print("\n(Answers from a small demo model: not medical advice. Loss curve: outputs/sft/loss.png)")
+print("\n(Answers from a small demo model: not medical advice.)")
 PYEOF
+fi

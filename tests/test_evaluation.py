@@ -1,0 +1,72 @@
+"""Evaluation: metric values on known inputs, evaluate_model.py end to end, the pipeline's stop-on-failure."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, sft_records, write_jsonl
+from medgpt.evaluation import generation_metrics
+
+
+def test_bleu_and_rouge_on_known_inputs():
+    perfect = generation_metrics(["高血压是常见的慢性病。", "Take it with food."], ["高血压是常见的慢性病。", "Take it with food."])
+    assert perfect["bleu_4"] == pytest.approx(100) and perfect["rouge_l"] == pytest.approx(100)
+    none = generation_metrics(["完全不同"], ["高血压"])
+    assert none["bleu_1"] == 0 and none["rouge_l"] == 0
+    # Chinese is scored by characters: a close paraphrase gets partial credit, not zero
+    partial = generation_metrics(["高血压很常见"], ["高血压是常见病"])
+    assert 0 < partial["bleu_1"] < 100 and partial["rouge_l"] == pytest.approx(100 * 2 * (5 / 6) * (5 / 7) / (5 / 6 + 5 / 7))
+    # BLEU-n falls as n grows on a partial match
+    english = generation_metrics(["the patient has a mild fever today"], ["the patient has a high fever today"])
+    assert english["bleu_1"] > english["bleu_2"] > english["bleu_3"] > english["bleu_4"] > 0
+
+
+@pytest.mark.slow
+def test_evaluate_model_compares_models_and_reward_model(tiny_model_dir, tmp_path):
+    import evaluate_model
+    import reward_modeling
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "Call 120 now.", "rejected": "Wait."}
+                                                   for i in range(4)])
+    reward_modeling.main(["--model_name_or_path", str(tiny_model_dir), "--train_files", str(pairs),
+                          "--output_dir", str(tmp_path / "rm"), "--max_steps", "1", "--validation_split_percentage", "0",
+                          "--save_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "2"])
+    qa = write_jsonl(tmp_path / "qa.jsonl", sft_records(4))
+    text = tmp_path / "text.txt"
+    text.write_text("Hypertension is persistently raised blood pressure.\n高血压是常见的慢性病。\n", encoding="utf-8")
+    mcq = write_jsonl(tmp_path / "mcq.jsonl", [
+        {"question": "First-line drug for type 2 diabetes?", "options": {"A": "Insulin", "B": "Metformin"}, "answer": "B"},
+        {"question": "Which TWO?", "options": {"A": "x", "B": "y", "C": "z"}, "answer": "AC"},
+        {"question": "缺铁最常见的贫血类型？", "answer": "缺铁性贫血"}])
+    results = evaluate_model.main([
+        "--models", f"a={tiny_model_dir}", f"b={tiny_model_dir}", "--reward_models", f"rm={tmp_path / 'rm'}",
+        "--qa_files", str(qa), "--text_files", str(text), "--mcq_files", str(mcq), "--preference_files", str(pairs),
+        "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval")])
+    assert results["a"] == results["b"]  # same model, same greedy answers, same numbers
+    for key in ("bleu_1", "bleu_4", "rouge_l", "perplexity", "mcq_choice_accuracy", "mcq_open_accuracy",
+                "mcq_loglik_accuracy"):
+        assert key in results["a"], key
+    assert results["a"]["qa_n"] == 4 and results["a"]["mcq_loglik_n"] == 1
+    assert results["a"]["mcq_loglik_skipped_multi_answer"] == 2 and results["a"]["perplexity"] > 1
+    assert results["rm"]["pairs"] == 4 and 0 <= results["rm"]["reward_accuracy"] <= 1
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| a |" in table and "BLEU-4" in table and "RM pair acc" in table
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["b"]["qa_n"] == 4
+
+
+def test_pipeline_stops_with_the_failing_stage_named(tmp_path):
+    result = subprocess.run([sys.executable, "run_pipeline.py", "--output_dir", str(tmp_path), "--stages", "pt-merge"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "stage 'pt-merge' failed" in result.stderr and str(tmp_path / "logs" / "pt-merge.log") in result.stderr
+
+
+def test_pipeline_skips_completed_stages(tmp_path):
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "metrics.json").write_text("{}")
+    result = subprocess.run([sys.executable, "run_pipeline.py", "--output_dir", str(tmp_path), "--stages", "pt"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "pt: complete" in result.stdout and "skipped" in result.stdout
+    assert (tmp_path / "report.md").is_file()
