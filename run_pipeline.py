@@ -43,7 +43,7 @@ def stages(out: Path) -> list[Stage]:
         Stage("pt", "pretraining.py", ["--config", "configs/pt.yaml", "--max_steps", "8", *common], "pt"),
         Stage("pt-merge", "merge_peft_adapter.py", ["--lora_model", str(out / "pt")], "pt-merged", "config.json"),
         Stage("sft", "supervised_finetuning.py", [
-            "--config", "configs/sft.yaml", "--model_name_or_path", str(out / "pt-merged"), "--max_steps", "10",
+            "--config", "configs/sft.yaml", "--model_name_or_path", str(out / "pt-merged"), "--max_steps", "16",
             "--eval_strategy", "no", "--max_eval_samples", "16", *common], "sft"),
         Stage("sft-merge", "merge_peft_adapter.py", [
             "--base_model", str(out / "pt-merged"), "--lora_model", str(out / "sft")], "sft-merged", "config.json"),
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="Rerun stages even when their outputs are complete.")
     parser.add_argument("--stages", default=None, help="Comma-separated subset of: pt, pt-merge, sft, sft-merge, rm, "
                         "dpo, ppo, grpo, eval (default: all).")
-    parser.add_argument("--eval_samples", type=int, default=8, help="Held-out items per data set in the evaluation.")
+    parser.add_argument("--eval_samples", type=int, default=16, help="Held-out items per data set in the evaluation.")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     plan = stages(out) + [evaluation_stage(out, args.eval_samples)]
