@@ -6,14 +6,15 @@
 Both sides train the same model (LoRA, same settings) on the same conversations for the same number
 of optimizer steps with the same rows per step:
 
-- medgpt:   supervised_finetuning.py's path: conversations packed into --max_length rows with
-            block-diagonal attention, TRL's SFTTrainer (its chunked loss computes the output layer
-            only on answer tokens).
+- medgpt:   supervised_finetuning.py's path with its defaults for this machine: conversations
+            packed into --max_length rows with block-diagonal attention, TRL's SFTTrainer (its
+            chunked loss computes the output layer only on answer tokens), bf16 autocast where the
+            CPU/GPU computes bf16 natively.
 - baseline: transformers' Trainer, each row one conversation padded to the longest in its batch,
-            full-vocabulary logits and loss.
+            full-vocabulary logits and loss, fp32.
 
 Printed per side: real (non-padding) tokens per second, model FLOPs utilization against a matmul
-peak measured in the same run, and peak memory (RSS on CPU, max allocated on GPU); then the ratios.
+peak measured in the same run in that side's precision, and peak memory (RSS on CPU, max allocated on GPU); then the ratios.
 Each side runs in its own process so peak memory is its own.
 """
 
@@ -32,12 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Achievable fp32 matmul FLOP/s on this device, measured now."""
+def matmul_peak_flops(dtype_name: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """Achievable matmul FLOP/s on this device in the given dtype, measured now."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -73,7 +75,7 @@ def run_side(args) -> dict:
     from transformers import Trainer, TrainingArguments
     from trl import SFTConfig, SFTTrainer
 
-    from medgpt.args import LoraArguments, ModelArguments
+    from medgpt.args import LoraArguments, ModelArguments, _hardware_defaults
     from medgpt.modeling import load_model, load_tokenizer
     from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
     from template import get_template
@@ -87,7 +89,11 @@ def run_side(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     common = dict(output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.rows,
                   learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                  gradient_checkpointing=False, dataloader_pin_memory=False, bf16=False)
+                  gradient_checkpointing=False, dataloader_pin_memory=False)
+    # MedGPT's default precision for this machine (bf16 autocast where the CPU or GPU does bf16 natively)
+    # against the baseline's plain fp32.
+    precision = _hardware_defaults() if args.side == "medgpt" else {"bf16": False}
+    common.update({k: v for k, v in precision.items() if k in ("bf16", "use_cpu")})
     collator = SFTCollator(tokenizer.pad_token_id, dtype=model.dtype)
     if args.side == "medgpt":
         dataset = pack_sequences(dataset, args.max_length, seed=0)
@@ -110,10 +116,10 @@ def run_side(args) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops("bfloat16" if common.get("bf16") else "float32")
     tokens_per_second = real_tokens / seconds
     # training FLOPs per token ~ 6 x parameters (forward + backward), the usual MFU convention
-    return {"side": args.side, "steps": args.steps, "real_tokens": real_tokens, "seconds": seconds,
+    return {"side": args.side, "bf16": bool(common.get("bf16")), "steps": args.steps, "real_tokens": real_tokens, "seconds": seconds,
             "tokens_per_second": tokens_per_second, "mfu": 6 * params * tokens_per_second / peak,
             "matmul_peak_gflops": peak / 1e9, "peak_memory_gib": peak_memory_bytes() / 2**30}
 
@@ -143,14 +149,14 @@ def main() -> None:
         if output.returncode != 0 or not lines:
             raise SystemExit(f"{side} failed:\n{output.stderr[-3000:]}")
         results[side] = json.loads(lines[-1][7:])
-    print(f"{'':10} {'real tok/s':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}")
+    print(f"{'':10} {'real tok/s':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}  precision")
     for side, r in results.items():
         print(f"{side:10} {r['tokens_per_second']:11.1f} {r['mfu']:7.2%} {r['peak_memory_gib']:9.2f} "
-              f"{r['real_tokens']:8d} {r['seconds']:8.1f}")
+              f"{r['real_tokens']:8d} {r['seconds']:8.1f}  {'bf16 autocast' if r['bf16'] else 'fp32'}")
     speed = results["medgpt"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
     memory = results["medgpt"]["peak_memory_gib"] / results["baseline"]["peak_memory_gib"]
-    print(f"\nmedgpt / baseline: {speed:.2f}x real tokens/s, {memory:.2f}x peak memory "
-          f"(matmul peak {results['medgpt']['matmul_peak_gflops']:.0f} GFLOP/s)")
+    print(f"\nmedgpt / baseline: {speed:.2f}x real tokens/s, {memory:.2f}x peak memory (matmul peaks: "
+          + ", ".join(f"{side} {r['matmul_peak_gflops']:.0f} GFLOP/s" for side, r in results.items()) + ")")
     print("target: >= 1.5x tokens/s at <= 1.0x memory:", "met" if speed >= 1.5 and memory <= 1.0 else "NOT met")
 
 

@@ -142,12 +142,24 @@ class _SharedFieldParser(HfArgumentParser):
 
 
 def _hardware_defaults() -> dict[str, Any]:
-    """Defaults that depend on the machine: bf16 only where the GPU supports it (TRL assumes a GPU),
-    pinned dataloader memory only with a GPU."""
+    """Defaults that depend on the machine: bf16 mixed precision where the GPU, or the CPU (AVX512-BF16
+    or AMX), computes it natively (TRL's configs assume a GPU otherwise); pinned memory only with a GPU."""
     import torch
 
     gpu = torch.cuda.is_available()
-    return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "dataloader_pin_memory": gpu}
+    if gpu:
+        return {"bf16": torch.cuda.is_bf16_supported(), "dataloader_pin_memory": True}
+    return {"bf16": cpu_supports_bf16(), "use_cpu": cpu_supports_bf16(), "dataloader_pin_memory": False}
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (then bf16 autocast is ~4x faster than fp32)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def parse_args(types: tuple, argv: list[str] | None = None, description: str | None = None,
