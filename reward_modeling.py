@@ -24,7 +24,7 @@ import logging
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
-from medgpt.datasets import build_preference_dataset, json_reader, load_train_validation, preference_from_record
+from medgpt.datasets import load_preference_datasets
 from medgpt.modeling import load_model, load_tokenizer
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
 from template import get_template
@@ -45,17 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     template = get_template(model_args.template_name, tokenizer)
     tokenizer.chat_template = template.jinja  # TRL renders the conversations with the stage's template
 
-    train_records, eval_records = load_train_validation(
-        data_args, json_reader(preference_from_record), "preference data", training_args.seed
+    train_dataset, eval_dataset, data_counts = load_preference_datasets(
+        data_args, tokenizer, template, training_args.max_length, training_args.seed
     )
-    train_dataset, train_counts = build_preference_dataset(
-        train_records, tokenizer, template, training_args.max_length, "train"
-    )
-    eval_dataset, eval_counts = (None, {})
-    if eval_records:
-        eval_dataset, eval_counts = build_preference_dataset(
-            eval_records, tokenizer, template, training_args.max_length, "validation"
-        )
 
     model = load_model(
         model_args, lora_args, task="sequence-classification", num_labels=1,
@@ -78,8 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     metrics.update(train_result.metrics)
-    metrics.update({f"train_pairs_{k}": v for k, v in train_counts.items()})
-    metrics.update({f"eval_pairs_{k}": v for k, v in eval_counts.items()})
+    metrics.update(data_counts)
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer, perplexity=False))
         logger.info("After training: held-out accuracy %.3f, margin %.3f", metrics["eval_accuracy"], metrics["eval_margin"])

@@ -343,6 +343,20 @@ def build_preference_dataset(records, tokenizer, template, max_length: int | Non
     return datasets.Dataset.from_list(kept), counts
 
 
+def load_preference_datasets(data_args, tokenizer, template, max_length: int | None, seed: int):
+    """Training and validation preference datasets for RM and DPO, with their skip counts
+    (``train_pairs_*``, ``eval_pairs_*``). The validation dataset is None when there is none."""
+    train_records, eval_records = load_train_validation(data_args, json_reader(preference_from_record),
+                                                        "preference data", seed)
+    train, counts = build_preference_dataset(train_records, tokenizer, template, max_length, "train")
+    metrics = {f"train_pairs_{key}": value for key, value in counts.items()}
+    validation = None
+    if eval_records:
+        validation, counts = build_preference_dataset(eval_records, tokenizer, template, max_length, "validation")
+        metrics.update({f"eval_pairs_{key}": value for key, value in counts.items()})
+    return train, validation, metrics
+
+
 def load_records(paths: Sequence[Path], convert: Callable[[dict], object]) -> list[tuple[str, object]]:
     """Read JSON files and convert every record; raise one DataError listing every problem."""
     problems: list[str] = []
