@@ -142,8 +142,8 @@ def write_report(out: Path, durations: dict[str, float]) -> Path:
 
 def evaluation_stage(out: Path, max_samples: int) -> Stage:
     merged = str(out / "sft-merged")
-    models = ["base=DEFAULT", f"sft={merged}", f"dpo={merged}+{out / 'dpo'}", f"ppo={merged}+{out / 'ppo'}",
-              f"grpo={merged}+{out / 'grpo'}"]
+    models = ["base=DEFAULT", f"pt={out / 'pt-merged'}", f"sft={merged}", f"dpo={merged}+{out / 'dpo'}",
+              f"ppo={merged}+{out / 'ppo'}", f"grpo={merged}+{out / 'grpo'}"]
     return Stage("eval", "evaluate_model.py", [
         "--models", *models, "--reward_models", f"rm={out / 'rm'}", "--qa_files", "data/sft/eval",
         "--text_files", "data/pretrain/eval", "--mcq_files", "data/grpo/eval",
