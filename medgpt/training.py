@@ -91,6 +91,9 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
                  plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
     """Model or adapter, tokenizer with the chat template it was trained with, metrics, loss plot.
 
+    metrics.json is written last: a folder without it is an interrupted run (the pipeline and the
+    run_*.sh scripts treat it so); resume such a run with --resume_from_checkpoint auto.
+
     ``merge_adapter`` saves a LoRA run as a complete model (adapter merged), for stages whose
     output is loaded as a whole model by the next one (the reward model).
     """
@@ -110,9 +113,8 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
         tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
     tokenizer.save_pretrained(output_dir)
     trainer.save_state()
-    metrics = {key: value for key, value in metrics.items()}
-    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
+    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")  # last
     logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
 
 

@@ -153,3 +153,47 @@ def test_interactive_chat_streams_clears_and_exits(tiny_model_dir):
 def test_trl_data_flags_that_medgpt_replaces_are_refused(tiny_model_dir, sft_data_dir, tmp_path):
     with pytest.raises(SystemExit, match="--packing true"):
         run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "x", "--max_steps", "1", "--padding_free", "true"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_auto_continues_the_same_curve(tiny_model_dir, sft_data_dir, tmp_path):
+    """A run killed with SIGKILL loses only the steps since its last checkpoint; `--resume_from_checkpoint
+    auto` continues from there with the losses an uninterrupted run has."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    def losses(directory):
+        state = json.loads((directory / "trainer_state.json").read_text())
+        return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+    common = ("--max_steps", "8", "--save_steps", "2", "--eval_strategy", "no", "--packing", "true",
+              "--learning_rate", "1e-3")
+    run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "whole", *common))
+
+    killed = tmp_path / "killed"
+    # slow each step down so the kill lands mid-run, after the first checkpoint
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time, transformers.trainer as t; orig = t.Trainer.training_step\n"
+         "def slow(self, *a, **k):\n    time.sleep(1.0)\n    return orig(self, *a, **k)\n"
+         "t.Trainer.training_step = slow\nimport supervised_finetuning, sys\nsupervised_finetuning.main(sys.argv[1:])",
+         *sft_args(tiny_model_dir, sft_data_dir, killed, *common)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-4" / "trainer_state.json").is_file():
+        assert time.time() < deadline and process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists()  # an interrupted run does not look complete
+    assert not (killed / "checkpoint-8").exists()
+
+    run_sft(*sft_args(tiny_model_dir, sft_data_dir, killed, *common, "--resume_from_checkpoint", "auto"))
+    assert (killed / "metrics.json").is_file()
+    whole, resumed = losses(tmp_path / "whole"), losses(killed)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):  # the steps trained after the resume
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-4), step
