@@ -26,6 +26,21 @@ def start_run(training_args, resolved: dict) -> None:
     setup_logging(training_args)
     record_config(resolved, training_args.output_dir, training_args.process_index == 0)
     set_seed(training_args.seed)
+    if training_args.deepspeed:
+        _init_deepspeed_comm()
+
+
+def _init_deepspeed_comm() -> None:
+    """Make DeepSpeed's communication layer use the process group torchrun/accelerate created.
+
+    On GPUs accelerate does this; on CPU (use_cpu) it does not, and ZeRO-3's model initialisation
+    would then see a world size of 1 and reject the batch configuration.
+    """
+    import deepspeed
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 def setup_logging(training_args) -> None:
