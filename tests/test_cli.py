@@ -1,6 +1,5 @@
 """Every script answers --help; configs parse; unknown keys and flags are errors with a hint."""
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -1,7 +1,6 @@
 """SFT end to end on a tiny model: train, resume, merge, answer; QLoRA; full; seeded numerics."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Pretraining, reward modeling and DPO end to end on a tiny model; their data readers."""
 
-import json
 
 import pytest
 import torch
