@@ -2,11 +2,13 @@
 
     python gradio_demo.py --base_model outputs/sft-merged
     python gradio_demo.py --base_model BASE --lora_model outputs/sft --port 7860
+    python gradio_demo.py --base_model outputs/sft-merged --knowledge_base true --kb_dir my_docs/
 
 Streams answers, keeps the conversation, and has a system-prompt box, sampling controls,
 Stop and Clear buttons and example questions. Listens on 127.0.0.1 unless --host says otherwise;
 a public share link only with --share true. Requests wait in a queue (--concurrency_limit at a
-time) so several users do not crash it.
+time) so several users do not crash it. With --knowledge_base true a second tab answers from a
+folder of documents (--kb_dir), citing the passages it used (see chatpdf.py).
 
 Answers come from a language model: they can be wrong and are not medical advice.
 """
@@ -20,6 +22,7 @@ import gradio as gr
 
 from medgpt.args import ModelArguments, parse_args
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
+from medgpt.rag import RagArguments, answer_stream, open_knowledge_base
 
 EXAMPLES = [
     "I have had a sore throat and a mild fever for two days. When should I see a doctor?",
@@ -39,6 +42,8 @@ class DemoArguments:
     share: bool = field(default=False, metadata={"help": "Create a public gradio.live link (off by default)."})
     concurrency_limit: int = field(default=1, metadata={"help": "Answers generated at the same time; others queue."})
     max_queue_size: int = field(default=64, metadata={"help": "Requests that may wait in the queue."})
+    knowledge_base: bool = field(default=False, metadata={
+        "help": "Add a Knowledge base tab that answers from the documents in --kb_dir with cited sources."})
 
 
 def _text(content) -> str:
@@ -52,57 +57,93 @@ def _text(content) -> str:
     return ""
 
 
-def build_demo(chat: ChatModel, defaults: GenerationArguments, args: DemoArguments) -> gr.Blocks:
+def build_demo(chat: ChatModel, defaults: GenerationArguments, args: DemoArguments, knowledge_base=None) -> gr.Blocks:
     with gr.Blocks(title="MedGPT") as demo:
         gr.Markdown("# MedGPT medical assistant")
         gr.Markdown(f"**{DISCLAIMER}**", elem_id="disclaimer")
-        chatbot = gr.Chatbot(elem_id="chatbot", height=440, label="Conversation")
-        with gr.Row():
-            question = gr.Textbox(placeholder="Ask a medical question…", show_label=False, elem_id="question", scale=6)
-            send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
-            stop = gr.Button("Stop", elem_id="stop", scale=1)
-            clear = gr.Button("Clear", elem_id="clear", scale=1)
-        with gr.Accordion("Settings", open=False):
-            system = gr.Textbox(label="System prompt", value=defaults.system_prompt or "", lines=2,
-                                placeholder="Default: the model's own system prompt")
-            temperature = gr.Slider(0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
-            max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens")
-        gr.Examples(EXAMPLES, inputs=question, label="Example questions")
-
-        def respond(message, history, system_prompt, temperature, top_p, max_new_tokens):
-            if not message or not message.strip():
-                yield history, ""
-                return
-            history = list(history or []) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-            messages = [{"role": m["role"], "content": _text(m["content"])} for m in history[:-1]]
-            if system_prompt.strip():
-                messages = [{"role": "system", "content": system_prompt.strip()}] + messages
-            settings = GenerationArguments(
-                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                top_k=defaults.top_k, repetition_penalty=defaults.repetition_penalty,
-            )
-            answer = ""
-            for piece in chat.stream(messages, settings):  # closing this generator (Stop) ends the generation
-                answer += piece
-                history[-1] = {"role": "assistant", "content": answer}
-                yield history, ""
-
-        inputs = [question, chatbot, system, temperature, top_p, max_new_tokens]
-        sent = send.click(respond, inputs, [chatbot, question])
-        submitted = question.submit(respond, inputs, [chatbot, question])
-        stop.click(None, None, None, cancels=[sent, submitted])
-        clear.click(lambda: ([], ""), None, [chatbot, question], cancels=[sent, submitted])
+        with gr.Tab("Chat"):
+            chat_tab(chat, defaults)
+        if knowledge_base is not None:
+            with gr.Tab("Knowledge base", elem_id="kb-tab"):
+                knowledge_base_tab(chat, defaults, knowledge_base)
     demo.queue(default_concurrency_limit=args.concurrency_limit, max_size=args.max_queue_size)
     return demo
 
 
+def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
+    chatbot = gr.Chatbot(elem_id="chatbot", height=440, label="Conversation")
+    with gr.Row():
+        question = gr.Textbox(placeholder="Ask a medical question…", show_label=False, elem_id="question", scale=6)
+        send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+        stop = gr.Button("Stop", elem_id="stop", scale=1)
+        clear = gr.Button("Clear", elem_id="clear", scale=1)
+    with gr.Accordion("Settings", open=False):
+        system = gr.Textbox(label="System prompt", value=defaults.system_prompt or "", lines=2,
+                            placeholder="Default: the model's own system prompt")
+        temperature = gr.Slider(0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
+        max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens")
+    gr.Examples(EXAMPLES, inputs=question, label="Example questions")
+
+    def respond(message, history, system_prompt, temperature, top_p, max_new_tokens):
+        if not message or not message.strip():
+            yield history, ""
+            return
+        history = list(history or []) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        messages = [{"role": m["role"], "content": _text(m["content"])} for m in history[:-1]]
+        if system_prompt.strip():
+            messages = [{"role": "system", "content": system_prompt.strip()}] + messages
+        settings = GenerationArguments(
+            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+            top_k=defaults.top_k, repetition_penalty=defaults.repetition_penalty,
+        )
+        answer = ""
+        for piece in chat.stream(messages, settings):  # closing this generator (Stop) ends the generation
+            answer += piece
+            history[-1] = {"role": "assistant", "content": answer}
+            yield history, ""
+
+    inputs = [question, chatbot, system, temperature, top_p, max_new_tokens]
+    sent = send.click(respond, inputs, [chatbot, question])
+    submitted = question.submit(respond, inputs, [chatbot, question])
+    stop.click(None, None, None, cancels=[sent, submitted])
+    clear.click(lambda: ([], ""), None, [chatbot, question], cancels=[sent, submitted])
+
+
+def knowledge_base_tab(chat: ChatModel, defaults: GenerationArguments, knowledge_base) -> None:
+    documents = sorted({c.source for c in knowledge_base.chunks})
+    gr.Markdown(f"Answers from {len(documents)} documents ({len(knowledge_base.chunks)} passages), citing the "
+                "passages used as [1], [2]. When nothing relevant is found the answer says so.")
+    with gr.Row():
+        question = gr.Textbox(placeholder="Ask the knowledge base…", show_label=False, elem_id="kb-question", scale=6)
+        ask = gr.Button("Ask", variant="primary", elem_id="kb-ask", scale=1)
+    answer = gr.Markdown(elem_id="kb-answer")
+    with gr.Accordion("Retrieved passages", open=False):
+        passages = gr.Markdown(elem_id="kb-passages")
+
+    def respond(message):
+        if not message or not message.strip():
+            yield "", ""
+            return
+        hits = knowledge_base.search(message)
+        shown = "\n\n".join(f"**[{n}] {h.chunk.where()}** (BM25 {h.bm25:.2f}, coverage {h.coverage:.2f})\n\n"
+                             f"{h.chunk.text}" for n, h in enumerate(hits, 1)) or "No relevant passage."
+        text = ""
+        for piece in answer_stream(knowledge_base, chat, message, defaults, hits=hits):
+            text += piece
+            yield text.replace("\n", "  \n"), shown  # Markdown: keep the answer's and the sources' line breaks
+
+    ask.click(respond, question, [answer, passages])
+    question.submit(respond, question, [answer, passages])
+
+
 def main(argv: list[str] | None = None) -> None:
-    model_args, generation_args, demo_args, _ = parse_args(
-        (ModelArguments, GenerationArguments, DemoArguments), argv, description=__doc__
+    model_args, generation_args, demo_args, rag_args, _ = parse_args(
+        (ModelArguments, GenerationArguments, DemoArguments, RagArguments), argv, description=__doc__
     )
+    knowledge_base = open_knowledge_base(rag_args) if demo_args.knowledge_base else None
     chat = ChatModel.load(model_args)
-    demo = build_demo(chat, generation_args, demo_args)
+    demo = build_demo(chat, generation_args, demo_args, knowledge_base)
     demo.launch(server_name=demo_args.host, server_port=demo_args.port, share=demo_args.share)
 
 

@@ -185,10 +185,13 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)} (see --help)")
     parsed = vars(namespace)
-    instances = [
-        dtype(**{f.name: parsed[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in parsed})
-        for dtype in types
-    ]
+    try:  # a value that the dataclass itself rejects: a usage error naming the flag, not a traceback
+        instances = [
+            dtype(**{f.name: parsed[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in parsed})
+            for dtype in types
+        ]
+    except ValueError as error:
+        raise SystemExit(f"{parser.prog}: error: {error} (see --help)") from None
     resolved = {}
     for instance in instances:
         resolved.update(_to_plain(instance))

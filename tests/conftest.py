@@ -79,12 +79,36 @@ def sft_data_dir(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a project script as a user would; fail with its output if it fails."""
+def preference_records(count: int) -> list[dict]:
+    """Small preference pairs in all three formats (12 train + 4 eval in preference_dir)."""
+    records = []
+    for i in range(count):
+        if i % 3 == 0:
+            records.append({"conversations": [{"from": "human", "value": f"Chest pain and sweating, case {i}?"}],
+                            "chosen": "Call emergency services now.", "rejected": "Wait and see at home."})
+        elif i % 3 == 1:
+            records.append({"system": "", "history": [["头痛", "多休息"]], "question": f"还是很痛怎么办 {i}",
+                            "response_chosen": "突然剧烈头痛请立即就医。", "response_rejected": "再睡一觉就好了。"})
+        else:
+            records.append({"prompt": [{"role": "user", "content": f"Max paracetamol per day? {i}"}],
+                            "chosen": [{"role": "assistant", "content": "4 g for healthy adults; less with liver disease."}],
+                            "rejected": "10 g is fine."})
+    return records
+
+
+@pytest.fixture()
+def preference_dir(tmp_path):
+    write_jsonl(tmp_path / "pref" / "train" / "p.jsonl", preference_records(12))
+    write_jsonl(tmp_path / "pref" / "eval" / "p.jsonl", preference_records(4))
+    return tmp_path / "pref"
+
+
+def run_script(*args: str, timeout: int = 600, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a project script as a user would; fail with its output if it fails (unless ``check`` is false)."""
     result = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, input=input,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

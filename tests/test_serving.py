@@ -148,7 +148,7 @@ def test_32_concurrent_requests_all_answered(api):
     print(f"\n32 concurrent requests: p50 {p50:.2f}s, p95 {p95:.2f}s")
 
 
-def test_web_demo_streams_an_answer_in_chromium(tiny_model_dir, tmp_path):
+def test_web_demo_streams_an_answer_and_answers_from_the_knowledge_base_in_chromium(tiny_model_dir, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         if os.environ.get("MEDGPT_REQUIRE_BROWSER"):
@@ -158,6 +158,7 @@ def test_web_demo_streams_an_answer_in_chromium(tiny_model_dir, tmp_path):
 
     port = free_port()
     process = start("gradio_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), "--max_new_tokens", "16",
+                    "--knowledge_base", "true", "--index_dir", str(tmp_path / "index"),
                     ready_url=f"http://127.0.0.1:{port}/")
     try:
         with sync_playwright() as playwright:
@@ -179,6 +180,18 @@ def test_web_demo_streams_an_answer_in_chromium(tiny_model_dir, tmp_path):
             page.click("#clear")
             page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('What is a fever?')",
                                    timeout=30000)
+
+            page.get_by_role("tab", name="Knowledge base").click()
+            page.fill("#kb-question textarea", "What blood pressure reading counts as hypertension?")
+            page.click("#kb-ask")
+            page.wait_for_function("() => document.querySelector('#kb-answer').innerText.includes('Sources:')",
+                                   timeout=120000)
+            assert "hypertension.md" in page.inner_text("#kb-answer")
+            page.screenshot(path=str(tmp_path / "gradio_knowledge_base.png"))
+            page.fill("#kb-question textarea", "How do I reverse a linked list in Python?")
+            page.click("#kb-ask")
+            page.wait_for_function("() => document.querySelector('#kb-answer').innerText.includes(\"I don't know\")",
+                                   timeout=60000)
             browser.close()
     finally:
         stop(process)
