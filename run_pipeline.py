@@ -9,7 +9,8 @@ whole run takes about 20 minutes on 2 CPU cores. LoRA stages are merged before t
 builds on them (PT -> pt-merged -> SFT -> sft-merged -> RM, DPO, PPO, GRPO). A stage whose output is
 complete (metrics.json written last) is skipped on a rerun; a failing stage stops the pipeline
 with its name and log. The base model and every stage's model are evaluated on the held-out
-splits, and outputs/pipeline/report.md gathers the losses, metrics and plots.
+splits, knowledge-base retrieval is measured on data/rag/questions.jsonl, and
+outputs/pipeline/report.md gathers the losses, metrics and plots.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Stage:
     args: list[str]
     output: str  # folder name under --output_dir
     done_file: str = "metrics.json"  # written last by every stage
+    output_flag: str | None = "--output_dir"  # how the script is told its folder (None: its args already say)
 
 
 def stages(out: Path) -> list[Stage]:
@@ -70,7 +72,7 @@ def complete(stage: Stage, out: Path) -> bool:
 def run_stage(stage: Stage, out: Path, index: int, total: int) -> float:
     """Run one stage as a subprocess, echoing and logging its output; stop the pipeline if it fails."""
     folder = out / stage.output
-    args = [*stage.args, "--output_dir", str(folder)]
+    args = [*stage.args, *([stage.output_flag, str(folder)] if stage.output_flag else [])]
     log_path = out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"\n== [{index}/{total}] {stage.name}: python {stage.script} {' '.join(args)}", flush=True)
@@ -132,6 +134,14 @@ def write_report(out: Path, durations: dict[str, float]) -> Path:
     evaluation = out / "eval" / "results.md"
     if evaluation.is_file():
         lines += ["", "## Held-out evaluation", "", evaluation.read_text(encoding="utf-8")]
+    retrieval = out / "rag" / "retrieval.json"
+    if retrieval.is_file():
+        found = json.loads(retrieval.read_text(encoding="utf-8"))
+        keys = [k for k in found if k.startswith("hit@")] + ["answerable_kept", "unanswerable_refused"]
+        lines += ["", "## Knowledge-base retrieval (chatpdf.py, BM25)", "",
+                  f"{found['answerable']} answerable and {found['unanswerable']} unanswerable questions "
+                  "(data/rag/questions.jsonl).", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                  "| " + " | ".join(f"{found[k]:.2f}" for k in keys) + " |"]
     lines += ["", "## Stage times", ""] + [f"- {name}: {seconds / 60:.1f} min" for name, seconds in durations.items()]
     plots = [(name, out / name / "loss.png") for name in ("pt", "sft", "rm", "dpo", "ppo", "grpo")]
     lines += ["", "## Curves", ""] + [f"![{name}]({name}/loss.png)" for name, path in plots if path.is_file()]
@@ -156,11 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default="outputs/pipeline", help="Where every stage's folder goes.")
     parser.add_argument("--force", action="store_true", help="Rerun stages even when their outputs are complete.")
     parser.add_argument("--stages", default=None, help="Comma-separated subset of: pt, pt-merge, sft, sft-merge, rm, "
-                        "dpo, ppo, grpo, eval (default: all).")
+                        "dpo, ppo, grpo, eval, rag (default: all).")
     parser.add_argument("--eval_samples", type=int, default=16, help="Held-out items per data set in the evaluation.")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    plan = stages(out) + [evaluation_stage(out, args.eval_samples)]
+    rag = Stage("rag", "chatpdf.py", ["--eval_file", "data/rag/questions.jsonl", "--index_dir", str(out / "rag" / "index"),
+                                      "--eval_output", str(out / "rag" / "retrieval.json")], "rag", "retrieval.json", None)
+    plan = stages(out) + [evaluation_stage(out, args.eval_samples), rag]
     if args.stages:
         wanted = [s.strip() for s in args.stages.split(",")]
         unknown = set(wanted) - {s.name for s in plan}

@@ -70,3 +70,12 @@ def test_pipeline_skips_completed_stages(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "pt: complete" in result.stdout and "skipped" in result.stdout
     assert (tmp_path / "report.md").is_file()
+
+
+def test_pipeline_rag_stage_measures_retrieval_into_the_report(tmp_path):
+    result = subprocess.run([sys.executable, "run_pipeline.py", "--output_dir", str(tmp_path), "--stages", "rag"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retrieval = json.loads((tmp_path / "rag" / "retrieval.json").read_text())
+    assert retrieval["hit@3"] >= 0.75
+    assert "## Knowledge-base retrieval" in (tmp_path / "report.md").read_text()
