@@ -30,7 +30,7 @@ from medgpt.datasets import (
     text_document_reader,
 )
 from medgpt.modeling import load_model, load_tokenizer
-from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
 from template import get_template
 
 logger = logging.getLogger("medgpt.pt")
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     metrics = {}
-    if eval_dataset is not None:
-        before = trainer.evaluate()
+    before = evaluate_before_training(trainer) if eval_dataset is not None else None
+    if before is not None:
         metrics["eval_perplexity_before"] = math.exp(min(before["eval_loss"], 50))
         logger.info("Validation perplexity before training: %.2f", metrics["eval_perplexity_before"])
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics.update({f"eval_{k}": v for k, v in eval_counts.items()})
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer))
-        logger.info("Validation perplexity: %.2f before, %.2f after training",
-                    metrics["eval_perplexity_before"], metrics["eval_perplexity"])
+        before_text = f"{metrics['eval_perplexity_before']:.2f}" if before is not None else "-"
+        logger.info("Validation perplexity: %s before, %.2f after training", before_text, metrics["eval_perplexity"])
     trainer.log_metrics("final", metrics)
     save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
     return metrics

@@ -26,7 +26,7 @@ from trl import RewardConfig, RewardTrainer
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.datasets import load_preference_datasets
 from medgpt.modeling import load_model, load_tokenizer
-from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
 from template import get_template
 
 logger = logging.getLogger("medgpt.rm")
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     metrics = {}
-    if eval_dataset is not None:
-        before = trainer.evaluate()
+    before = evaluate_before_training(trainer) if eval_dataset is not None else None
+    if before is not None:
         metrics.update({"eval_accuracy_before": before["eval_accuracy"], "eval_margin_before": before["eval_margin"]})
         logger.info("Before training: held-out accuracy %.3f, margin %.3f", before["eval_accuracy"], before["eval_margin"])
 

@@ -26,7 +26,10 @@ def start_run(training_args, resolved: dict) -> None:
     setup_logging(training_args)
     record_config(resolved, training_args.output_dir, training_args.process_index == 0)
     set_seed(training_args.seed)
-    if training_args.deepspeed:
+    # --deepspeed ds.json, or `accelerate launch --use_deepspeed` (which leaves --deepspeed unset)
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is not None:
+        logger.info("DeepSpeed ZeRO stage %s", plugin.zero_stage)
         _init_deepspeed_comm()
 
 
@@ -41,6 +44,17 @@ def _init_deepspeed_comm() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def evaluate_before_training(trainer) -> dict | None:
+    """``trainer.evaluate()`` on the untrained model, or None under DeepSpeed, where the Trainer cannot
+    evaluate before training: ZeRO-1/2 refuse ("ZeRO inference only makes sense with ZeRO Stage 3"),
+    and under ZeRO-3 the inference engine it builds is kept, so train() then has no optimizer to step."""
+    if trainer.is_deepspeed_enabled:
+        logger.warning("DeepSpeed: no evaluation before training (the Trainer cannot evaluate before train() "
+                       "under DeepSpeed); the *_before metrics are left out.")
+        return None
+    return trainer.evaluate()
 
 
 def setup_logging(training_args) -> None:
@@ -122,15 +136,16 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
             logger.warning("Saved a LoRA adapter (4/8-bit or DeepSpeed run); merge it with merge_peft_adapter.py "
                            "before loading the folder as a whole model.")
         trainer.save_model(output_dir)
-    if not trainer.is_world_process_zero():
-        return
-    if template.jinja and template.jinja != tokenizer.chat_template:
-        tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
-    tokenizer.save_pretrained(output_dir)
-    trainer.save_state()
-    plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
-    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")  # last
-    logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
+    if trainer.is_world_process_zero():
+        if template.jinja and template.jinja != tokenizer.chat_template:
+            tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
+        tokenizer.save_pretrained(output_dir)
+        trainer.save_state()
+        plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
+        (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")  # last
+        logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
+    # no process exits (which a launcher may take as the job's end) before the main one has finished writing
+    trainer.accelerator.wait_for_everyone()
 
 
 def plot_loss(log_history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:

@@ -1,8 +1,10 @@
-"""Multi-process training on CPU: two processes under torchrun (gloo), plain DDP and DeepSpeed ZeRO;
-the saved model (full or LoRA) loads and generates."""
+"""Multi-process training on CPU: two processes (gloo) under torchrun, the DeepSpeed launcher and
+accelerate launch, plain DDP and DeepSpeed ZeRO; the saved model (full or LoRA) loads and generates.
+Every run checks that both ranks trained (the epoch fraction counts the batches of two processes)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,36 +15,114 @@ from conftest import ROOT, sft_records, write_jsonl
 from medgpt.args import ModelArguments
 from medgpt.generation import ChatModel, GenerationArguments
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def free_port() -> int:
+    """A port nothing listens on now (torchrun's --master_port 0 does not pick one; it hangs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(command: list) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(part) for part in command], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    return result
+
+
+def sft_args(model_dir, tmp_path, use_peft: str) -> list:
+    """supervised_finetuning.py for 2 steps of 2 rows per process on 16 conversations."""
+    data = write_jsonl(tmp_path / "train.jsonl", sft_records(16))
+    return ["supervised_finetuning.py", "--model_name_or_path", model_dir, "--train_files", data,
+            "--validation_split_percentage", "0", "--output_dir", tmp_path / "out", "--max_steps", "2",
+            "--max_length", "128", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--save_strategy", "no", "--report_to", "none", "--use_peft", use_peft, "--learning_rate", "1e-2"]
+
+
+def check_trained_on_two_ranks(out, records: int) -> dict:
+    """Loss logged at both steps and finite; 2 steps x 2 rows x 2 processes of the data seen."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert metrics["epoch"] == pytest.approx(2 * 2 * 2 / records), "not two processes training together"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]
+    return metrics
+
+
+def check_loads_and_generates(out, base_dir, lora: bool) -> None:
+    """The saved folder (an adapter on base_dir, or a full model) loads, differs from base_dir and generates."""
+    assert (out / "adapter_config.json").is_file() == lora
+    model_args = ModelArguments(model_name_or_path=str(base_dir), adapter_name_or_path=str(out)) if lora \
+        else ModelArguments(model_name_or_path=str(out))
+    chat = ChatModel.load(model_args)
+    trained = chat.model.state_dict()
+    base = ChatModel.load(ModelArguments(model_name_or_path=str(base_dir))).model.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base if "proj" in k), "training changed no weights"
+    answer = chat.generate([[{"role": "user", "content": "What is a fever?"}]], GenerationArguments(max_new_tokens=4))
+    assert isinstance(answer[0], str)
+
+
+def check_sft_output(out, base_dir, use_peft: str) -> None:
+    check_trained_on_two_ranks(out, records=16)
+    check_loads_and_generates(out, base_dir, lora=use_peft == "true")
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("deepspeed, use_peft", [(None, "true"), ("zero2.json", "true"), ("zero3.json", "true"),
                                                  ("zero3.json", "false"), ("zero3_offload.json", "true")],
                          ids=["ddp-lora", "zero2-lora", "zero3-lora", "zero3-full", "zero3-offload-lora"])
 def test_two_process_sft_saves_a_loadable_model(tiny_model_dir, tmp_path, deepspeed, use_peft):
-    data = write_jsonl(tmp_path / "train.jsonl", sft_records(16))
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "supervised_finetuning.py", "--model_name_or_path", str(tiny_model_dir), "--train_files", str(data),
-               "--validation_split_percentage", "0", "--output_dir", str(out), "--max_steps", "2",
-               "--max_length", "128", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-               "--save_strategy", "no", "--report_to", "none", "--use_peft", use_peft, "--learning_rate", "1e-2"]
+    command = [*TORCHRUN, *sft_args(tiny_model_dir, tmp_path, use_peft)]
     if deepspeed:
         command += ["--deepspeed", deepspeed]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-5000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]
+    launch(command)
+    check_sft_output(tmp_path / "out", tiny_model_dir, use_peft)
 
-    lora = (out / "adapter_config.json").is_file()
-    assert lora == (use_peft == "true")
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), adapter_name_or_path=str(out)) if lora \
-        else ModelArguments(model_name_or_path=str(out))
-    chat = ChatModel.load(model_args)
-    trained = chat.model.state_dict()
-    base = ChatModel.load(ModelArguments(model_name_or_path=str(tiny_model_dir))).model.state_dict()
-    assert any(not torch.equal(trained[k], base[k]) for k in base if "proj" in k), "training changed no weights"
-    answer = chat.generate([[{"role": "user", "content": "What is a fever?"}]], GenerationArguments(max_new_tokens=4))
-    assert isinstance(answer[0], str)
+
+@pytest.mark.slow
+def test_deepspeed_launcher_sft_zero2(tiny_model_dir, tmp_path):
+    """`deepspeed --num_gpus 2 ...` (the module behind the `deepspeed` command): on CPU it starts two
+    processes with --local_rank=N and RANK/WORLD_SIZE/MASTER_* set; no CPU-specific flag is needed."""
+    launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", "2",
+            "--master_port", free_port(), *sft_args(tiny_model_dir, tmp_path, "true"), "--deepspeed", "zero2.json"])
+    check_sft_output(tmp_path / "out", tiny_model_dir, "true")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher_args, zero_stage", [
+    (["--multi_gpu"], None),
+    (["--use_deepspeed", "--deepspeed_config_file", "zero3.json"], 3),
+], ids=["ddp", "deepspeed-zero3"])
+def test_accelerate_launch_sft(tiny_model_dir, tmp_path, launcher_args, zero_stage):
+    """`accelerate launch --multi_gpu` runs torchrun underneath, which on CPU means gloo. (`--cpu
+    --num_processes 2` would silently start one process.) With `--use_deepspeed` the DeepSpeed
+    config comes from accelerate, not from the script's --deepspeed flag."""
+    result = launch([sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
+                     "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+                     "--dynamo_backend", "no", *sft_args(tiny_model_dir, tmp_path, "true")])
+    assert ("DeepSpeed ZeRO stage 3" in result.stderr) == (zero_stage == 3)
+    check_sft_output(tmp_path / "out", tiny_model_dir, "true")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["dpo_training.py", "reward_modeling.py"])
+def test_two_process_preference_stages_with_zero2(tiny_model_dir, preference_dir, tmp_path, script):
+    """DPO and the reward model under torchrun with ZeRO-2, with a validation set. The Trainer cannot
+    evaluate before train() under DeepSpeed, so the reward model leaves out its *_before metrics."""
+    out = tmp_path / "out"
+    result = launch([*TORCHRUN, script, "--model_name_or_path", tiny_model_dir,
+                     "--train_file_dir", preference_dir / "train", "--validation_file_dir", preference_dir / "eval",
+                     "--output_dir", out, "--max_steps", "2", "--learning_rate", "1e-2", "--max_length", "256",
+                     "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--logging_steps", "1",
+                     "--gradient_checkpointing", "false", "--save_strategy", "no", "--report_to", "none",
+                     "--deepspeed", "zero2.json"])
+    assert "DeepSpeed ZeRO stage 2" in result.stderr
+    metrics = check_trained_on_two_ranks(out, records=12)
+    if script == "dpo_training.py":
+        assert "eval_rewards/accuracies" in metrics
+        check_loads_and_generates(out, tiny_model_dir, lora=True)
+    else:
+        assert "eval_accuracy" in metrics and "eval_accuracy_before" not in metrics
+        assert (out / "adapter_model.safetensors").is_file()  # under DeepSpeed saved unmerged (logged)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import sft_records, write_jsonl
+from conftest import preference_records, sft_records, write_jsonl
 from medgpt.datasets import (
     DataError,
     build_preference_dataset,
@@ -19,29 +19,6 @@ from template import get_template
 
 COMMON = ["--logging_steps", "1", "--report_to", "none", "--gradient_checkpointing", "false", "--seed", "3",
           "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--save_strategy", "no"]
-
-
-def preference_records(count: int) -> list[dict]:
-    records = []
-    for i in range(count):
-        if i % 3 == 0:
-            records.append({"conversations": [{"from": "human", "value": f"Chest pain and sweating, case {i}?"}],
-                            "chosen": "Call emergency services now.", "rejected": "Wait and see at home."})
-        elif i % 3 == 1:
-            records.append({"system": "", "history": [["头痛", "多休息"]], "question": f"还是很痛怎么办 {i}",
-                            "response_chosen": "突然剧烈头痛请立即就医。", "response_rejected": "再睡一觉就好了。"})
-        else:
-            records.append({"prompt": [{"role": "user", "content": f"Max paracetamol per day? {i}"}],
-                            "chosen": [{"role": "assistant", "content": "4 g for healthy adults; less with liver disease."}],
-                            "rejected": "10 g is fine."})
-    return records
-
-
-@pytest.fixture()
-def preference_dir(tmp_path):
-    write_jsonl(tmp_path / "pref" / "train" / "p.jsonl", preference_records(12))
-    write_jsonl(tmp_path / "pref" / "eval" / "p.jsonl", preference_records(4))
-    return tmp_path / "pref"
 
 
 @pytest.fixture()
