@@ -4,7 +4,8 @@
 
 The result loads like any Hugging Face model: as --model_name_or_path of the next stage, in
 inference.py, and in vLLM. The tokenizer (with the chat template the adapter was trained with)
-is taken from the adapter folder when it has one. The folder is written to a temporary name and
+is taken from the adapter folder when it has one, and so is the generation config that lists the
+template's end-of-turn tokens. The folder is written to a temporary name and
 renamed when complete, so an interrupted merge never leaves a folder that looks finished.
 """
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> Path:
     target = Path(args.output_dir)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    if Path(adapter, "generation_config.json").is_file():  # the end-of-turn tokens of the adapter's template
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(adapter)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     if target.exists():

@@ -42,6 +42,9 @@ fi
 if [ -n "$LORA" ]; then
   rank=$("$PYTHON" -m medgpt.vllm_cli --max-lora-rank "$LORA")
   args+=(--enable-lora --lora-modules "medgpt=$LORA" --max-lora-rank "$rank")
+  if [ -f "$LORA/generation_config.json" ]; then
+    args+=(--generation-config "$LORA")  # the end-of-turn tokens of the template the adapter was trained with
+  fi
 fi
 if [ -n "${API_KEY:-}" ]; then
   args+=(--api-key "$API_KEY")

@@ -140,12 +140,34 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
         if template.jinja and template.jinja != tokenizer.chat_template:
             tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
         tokenizer.save_pretrained(output_dir)
+        turn_end = turn_end_generation_config(model, tokenizer, template)
+        if turn_end is not None:  # also next to an adapter: merge_peft_adapter.py and vllm_deployment.sh use it
+            turn_end.save_pretrained(output_dir)
         trainer.save_state()
         plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
         (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")  # last
         logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
     # no process exits (which a launcher may take as the job's end) before the main one has finished writing
     trainer.accelerator.wait_for_everyone()
+
+
+def turn_end_generation_config(model, tokenizer, template):
+    """The model's generation config with the template's end-of-turn token(s) added to ``eos_token_id``.
+
+    A base model trained with a named template (e.g. Qwen base with ChatML) ends its turns with a
+    token that is not its EOS; without this, `generate()` and vLLM would run past the answer.
+    None for models without a generation config (reward models)."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not getattr(model, "can_generate", lambda: False)():
+        return None
+    import copy
+
+    vocab = tokenizer.get_vocab()
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = [vocab[word] for word in template.stop_words if word in vocab]
+    config = copy.deepcopy(config)
+    config.eos_token_id = list(dict.fromkeys(i for i in [*eos, *stops, tokenizer.eos_token_id] if i is not None))
+    return config
 
 
 def plot_loss(log_history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:

@@ -196,3 +196,33 @@ def test_sigkill_mid_training_then_resume_auto_continues_the_same_curve(tiny_mod
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):  # the steps trained after the resume
         assert resumed[step] == pytest.approx(whole[step], rel=1e-4), step
+
+
+def test_named_template_turn_end_token_is_saved_for_generate_merge_and_vllm(tiny_model_dir, sft_data_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import merge_peft_adapter
+
+    # a "base" model whose EOS is <|endoftext|>, trained with ChatML, whose turns end with <|im_end|>
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(base)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tokenizer.eos_token_id
+
+    out = tmp_path / "sft"
+    run_sft(*sft_args(base, sft_data_dir, out, "--max_steps", "1", "--template_name", "chatml", "--eval_strategy", "no"))
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [tokenizer.eos_token_id, im_end]
+    merged = merge_peft_adapter.main(["--base_model", str(base), "--lora_model", str(out),
+                                      "--output_dir", str(tmp_path / "merged")])
+    assert GenerationConfig.from_pretrained(merged).eos_token_id == [tokenizer.eos_token_id, im_end]
+
+    full = tmp_path / "full"
+    run_sft(*sft_args(base, sft_data_dir, full, "--max_steps", "1", "--template_name", "chatml", "--eval_strategy", "no",
+                      "--use_peft", "false"))
+    assert GenerationConfig.from_pretrained(full).eos_token_id == [tokenizer.eos_token_id, im_end]
