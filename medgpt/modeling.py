@@ -140,7 +140,12 @@ def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
         target_modules=target_modules,
         modules_to_save=modules_to_save,
     )
-    return get_peft_model(model, config)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 needs one dtype across the trainable tensors; a head trained next to the adapter (the reward
+    # model's score, modules_to_save) keeps the weights' dtype, so there the adapter does too (DeepSpeed
+    # keeps fp32 master copies for the optimizer anyway). Elsewhere PEFT keeps adapters in fp32.
+    return get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
 
 
 def load_adapter(model, adapter_path: str, trainable: bool = False, task: str = "causal-lm"):

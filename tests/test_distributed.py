@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, sft_records, write_jsonl
 from medgpt.args import ModelArguments
@@ -107,18 +108,19 @@ def test_accelerate_launch_sft(tiny_model_dir, tmp_path, launcher_args, zero_sta
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["dpo_training.py", "reward_modeling.py"])
-def test_two_process_preference_stages_with_zero2(tiny_model_dir, preference_dir, tmp_path, script):
-    """DPO and the reward model under torchrun with ZeRO-2, with a validation set. The Trainer cannot
-    evaluate before train() under DeepSpeed, so the reward model leaves out its *_before metrics."""
+@pytest.mark.parametrize("script, zero", [("dpo_training.py", 2), ("reward_modeling.py", 2), ("reward_modeling.py", 3)])
+def test_two_process_preference_stages_with_zero(tiny_model_dir, preference_dir, tmp_path, script, zero):
+    """DPO and the reward model under torchrun with ZeRO, with a validation set. The Trainer cannot
+    evaluate before train() under DeepSpeed, so the reward model leaves out its *_before metrics.
+    Under ZeRO-3 the reward model's LoRA adapter and its trained score head share one dtype."""
     out = tmp_path / "out"
     result = launch([*TORCHRUN, script, "--model_name_or_path", tiny_model_dir,
                      "--train_file_dir", preference_dir / "train", "--validation_file_dir", preference_dir / "eval",
                      "--output_dir", out, "--max_steps", "2", "--learning_rate", "1e-2", "--max_length", "256",
                      "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--logging_steps", "1",
                      "--gradient_checkpointing", "false", "--save_strategy", "no", "--report_to", "none",
-                     "--deepspeed", "zero2.json"])
-    assert "DeepSpeed ZeRO stage 2" in result.stderr
+                     "--deepspeed", f"zero{zero}.json"])
+    assert f"DeepSpeed ZeRO stage {zero}" in result.stderr
     metrics = check_trained_on_two_ranks(out, records=12)
     if script == "dpo_training.py":
         assert "eval_rewards/accuracies" in metrics
@@ -126,3 +128,6 @@ def test_two_process_preference_stages_with_zero2(tiny_model_dir, preference_dir
     else:
         assert "eval_accuracy" in metrics and "eval_accuracy_before" not in metrics
         assert (out / "adapter_model.safetensors").is_file()  # under DeepSpeed saved unmerged (logged)
+        weights = load_file(out / "adapter_model.safetensors")
+        assert any("score" in name for name in weights)  # the head is trained and saved with the adapter
+        assert all(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)
