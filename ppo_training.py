@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -56,9 +57,35 @@ class PPOScriptArguments:
 
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
+    # PPOConfig's own world_size field (filled by the trainer later) hides TrainingArguments' property, and
+    # --deepspeed needs it while parsing: take it from the launcher (torchrun/accelerate/deepspeed set it).
     return parse_args(
-        (ModelArguments, DataArguments, LoraArguments, PPOScriptArguments, PPOConfig), argv, description=__doc__
+        (ModelArguments, DataArguments, LoraArguments, PPOScriptArguments, PPOConfig), argv, description=__doc__,
+        defaults={"world_size": int(os.environ.get("WORLD_SIZE", 1))},
     )
+
+
+class DistributedPPOTrainer(PPOTrainer):
+    """TRL's PPOTrainer, able to run in several processes under DeepSpeed: its reference-model switch
+    and its save expect the policy-and-value model unwrapped, and its save breaks under DeepSpeed."""
+
+    @contextmanager
+    def null_ref_context(self):
+        policy = self.accelerator.unwrap_model(self.model).policy
+        with policy.disable_adapter() if self.is_peft_model and not self.ref_adapter_name else nullcontext():
+            if self.ref_adapter_name:
+                policy.set_adapter(self.ref_adapter_name)
+            yield
+            if self.ref_adapter_name:
+                policy.set_adapter(self.model_adapter_name or "default")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save only the policy (adapter or full model), from the gathered weights under ZeRO-3."""
+        output_dir = output_dir or self.args.output_dir
+        state = self.accelerator.get_state_dict(self.model)  # every process takes part (ZeRO-3 gathers)
+        if self.args.should_save:
+            policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+            self.accelerator.unwrap_model(self.model).policy.save_pretrained(output_dir, state_dict=policy_state)
 
 
 def check_model_paths(training_args: PPOConfig) -> None:
@@ -96,6 +123,9 @@ def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name:
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
     check_model_paths(training_args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (training_args.deepspeed or training_args.deepspeed_plugin):
+        raise SystemExit("PPO in several processes needs DeepSpeed: add --deepspeed zero2.json (or zero3.json). "
+                         "TRL's PPO loop reads the model's policy, which plain DDP wrapping hides.")
     start_run(training_args, resolved)
 
     tokenizer = load_tokenizer(model_args, padding_side="left")
@@ -117,7 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
     for model in (reward_model, value_model):
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    trainer = PPOTrainer(
+    if training_args.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        # TRL's PPOTrainer builds its own Accelerator, which takes DeepSpeed from accelerate's environment only
+        os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=training_args.deepspeed)
+    trainer = DistributedPPOTrainer(
         args=training_args,
         processing_class=tokenizer,
         model=policy,

@@ -96,6 +96,21 @@ def preference_records(count: int) -> list[dict]:
     return records
 
 
+@pytest.fixture(scope="session")
+def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model trained for one step on the tiny model (what PPO needs)."""
+    import reward_modeling
+
+    root = tmp_path_factory.mktemp("rm")
+    write_jsonl(root / "pref.jsonl", [{"prompt": f"q{i}", "chosen": "Call emergency services.", "rejected": "Wait."}
+                                      for i in range(6)])
+    reward_modeling.main(["--model_name_or_path", str(tiny_model_dir), "--train_files", str(root / "pref.jsonl"),
+                          "--output_dir", str(root / "rm"), "--max_steps", "1", "--validation_split_percentage", "0",
+                          "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+                          "--report_to", "none", "--gradient_checkpointing", "false", "--seed", "5"])
+    return root / "rm"
+
+
 @pytest.fixture()
 def preference_dir(tmp_path):
     write_jsonl(tmp_path / "pref" / "train" / "p.jsonl", preference_records(12))

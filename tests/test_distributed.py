@@ -131,3 +131,54 @@ def test_two_process_preference_stages_with_zero(tiny_model_dir, preference_dir,
         weights = load_file(out / "adapter_model.safetensors")
         assert any("score" in name for name in weights)  # the head is trained and saved with the adapter
         assert all(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)
+
+
+def ppo_command(model_dir, reward_model_dir, tmp_path, *extra) -> list:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", sft_records(8))
+    return [*TORCHRUN, "ppo_training.py", "--model_name_or_path", model_dir, "--reward_model_path", reward_model_dir,
+            "--train_files", prompts, "--validation_split_percentage", "0", "--output_dir", tmp_path / "out",
+            "--total_episodes", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--num_mini_batches", "1", "--num_ppo_epochs", "1", "--response_length", "8", "--stop_token", "eos",
+            "--num_sample_generations", "0", "--save_strategy", "no", "--learning_rate", "1e-3", "--logging_steps",
+            "1", "--report_to", "none", "--gradient_checkpointing", "false", *extra]
+
+
+@pytest.mark.slow
+def test_two_process_ppo_with_zero3_saves_the_gathered_policy(tiny_model_dir, reward_model_dir, tmp_path):
+    """TRL's PPO under DeepSpeed in two processes: 8 episodes = 2 steps of 2 prompts x 2 processes,
+    and the saved adapter holds whole (gathered) trained weights that load and generate."""
+    launch(ppo_command(tiny_model_dir, reward_model_dir, tmp_path, "--deepspeed", "zero3.json"))
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["episodes"] == 8
+    assert torch.isfinite(torch.tensor(metrics["objective/kl_last"]))
+    check_loads_and_generates(out, tiny_model_dir, lora=True)
+
+
+def test_two_process_ppo_without_deepspeed_is_refused_with_the_remedy(tiny_model_dir, reward_model_dir, tmp_path):
+    command = [str(part) for part in ppo_command(tiny_model_dir, reward_model_dir, tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "add --deepspeed zero2.json" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_grpo_with_zero2(tiny_model_dir, tmp_path):
+    """GRPO in two processes: 2 steps x 8 completions (4 per process, 4 per question) = 4 of 8 questions."""
+    question = {"question": "Which drug is first-line for type 2 diabetes?", "answer": "B",
+                "options": {"A": "Insulin", "B": "Metformin", "C": "Warfarin", "D": "Aspirin"}}
+    train = write_jsonl(tmp_path / "train.jsonl", [{**question, "question": f"{question['question']} ({i})"}
+                                                   for i in range(8)])
+    out = tmp_path / "out"
+    result = launch([*TORCHRUN, "grpo_training.py", "--model_name_or_path", tiny_model_dir, "--train_files", train,
+                     "--validation_split_percentage", "25", "--output_dir", out, "--max_steps", "2",
+                     "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "8",
+                     "--eval_max_new_tokens", "6", "--save_strategy", "no", "--logging_steps", "1", "--report_to",
+                     "none", "--gradient_checkpointing", "false", "--deepspeed", "zero2.json"])
+    assert "DeepSpeed ZeRO stage 2" in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epoch"] == pytest.approx(2 * 2 / metrics["train_questions"])  # both processes took questions
+    assert "eval_accuracy_before" in metrics and "eval_accuracy" in metrics
+    # (a tiny random model's completions usually all score 0: no advantage, so the weights may not move)
+    chat = ChatModel.load(ModelArguments(model_name_or_path=str(tiny_model_dir), adapter_name_or_path=str(out)))
+    assert isinstance(chat.generate([[{"role": "user", "content": "Fever?"}]], GenerationArguments(max_new_tokens=4))[0], str)

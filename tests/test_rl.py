@@ -57,19 +57,6 @@ def test_prompts_from_every_format(tmp_path):
     assert [item["messages"][-1]["content"] for _, item in prompts] == ["first prompt", "second prompt", "third"]
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_model_dir, tmp_path_factory):
-    import reward_modeling
-
-    root = tmp_path_factory.mktemp("rm")
-    write_jsonl(root / "pref.jsonl", [{"prompt": f"q{i}", "chosen": "Call emergency services.", "rejected": "Wait."}
-                                      for i in range(6)])
-    reward_modeling.main(["--model_name_or_path", str(tiny_model_dir), "--train_files", str(root / "pref.jsonl"),
-                          "--output_dir", str(root / "rm"), "--max_steps", "1", "--validation_split_percentage", "0",
-                          "--per_device_train_batch_size", "2", "--save_strategy", "no", *COMMON])
-    return root / "rm"
-
-
 @pytest.mark.slow
 def test_ppo_short_run_logs_reward_kl_value_and_policy_loads(tiny_model_dir, reward_model_dir, tmp_path):
     import ppo_training
