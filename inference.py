@@ -76,7 +76,7 @@ def run_batch_vllm(model_args: ModelArguments, args: InferenceArguments, setting
                          "requirements-vllm.txt, then run inference.py with .venv-vllm/bin/python.") from None
     from medgpt.modeling import load_tokenizer, resolve_model_path
     from medgpt.vllm_cli import max_lora_rank
-    from template import get_template
+    from template import get_template, split_stop_words
 
     items = read_questions(args.data_file)
     tokenizer = load_tokenizer(model_args, padding_side="left")
@@ -90,14 +90,11 @@ def run_batch_vllm(model_args: ModelArguments, args: InferenceArguments, setting
     llm = LLM(model=resolve_model_path(model_args), seed=args.seed, enable_lora=bool(lora),
               trust_remote_code=model_args.trust_remote_code, gpu_memory_utilization=args.vllm_memory_utilization,
               **extra)
-    # A stop word that is one (special) token must be a stop token id: vLLM matches stop strings on the
-    # decoded text, where special tokens are skipped (as ChatModel does).
-    vocab = tokenizer.get_vocab()
+    stop_ids, stop_strings = split_stop_words(template, tokenizer)  # vLLM too decodes without special tokens
     sampling = SamplingParams(
         max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
         top_k=settings.top_k if settings.top_k > 0 else -1, repetition_penalty=settings.repetition_penalty,
-        stop=[word for word in template.stop_words if word not in vocab] or None,
-        stop_token_ids=[vocab[word] for word in template.stop_words if word in vocab] or None,
+        stop=stop_strings or None, stop_token_ids=stop_ids or None,
     )
     outputs = llm.generate(prompts, sampling, lora_request=LoRARequest("medgpt", 1, lora) if lora else None)
     write_answers(args.output_file, items, [output.outputs[0].text.strip() for output in outputs])

@@ -123,7 +123,7 @@ def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name:
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
     check_model_paths(training_args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (training_args.deepspeed or training_args.deepspeed_plugin):
+    if training_args.world_size > 1 and not (training_args.deepspeed or training_args.deepspeed_plugin):
         raise SystemExit("PPO in several processes needs DeepSpeed: add --deepspeed zero2.json (or zero3.json). "
                          "TRL's PPO loop reads the model's policy, which plain DDP wrapping hides.")
     start_run(training_args, resolved)

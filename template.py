@@ -160,6 +160,16 @@ def _split_system(messages: Sequence[Message], default_system: str) -> tuple[str
     return default_system, list(messages)
 
 
+def split_stop_words(template: ChatTemplate, tokenizer) -> tuple[list[int], list[str]]:
+    """The template's stop words as (token ids of those that are one token, the others as strings).
+
+    A one-token stop word (often a special token such as <|im_end|>) must be matched as a token id:
+    generated text is decoded without special tokens, so a string match would never see it."""
+    vocab = tokenizer.get_vocab()
+    return ([vocab[word] for word in template.stop_words if word in vocab],
+            [word for word in template.stop_words if word not in vocab])
+
+
 def encode_conversation(template: ChatTemplate, tokenizer, messages: Sequence[Message]):
     """Token ids and labels of a conversation: only assistant answers carry labels.
 

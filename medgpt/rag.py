@@ -472,12 +472,12 @@ def evaluate_retrieval(knowledge_base: KnowledgeBase, questions: Sequence[dict],
     unanswerable = [q for q in questions if not q.get("source")]
     depth = max(ks)
     found_at, kept = [], 0
-    for item in answerable:
-        hits = knowledge_base.search(item["question"], top_k=depth, relevant_only=False)
-        rank = next((i + 1 for i, hit in enumerate(hits) if hit.chunk.source == item["source"]
+    for item in answerable:  # every passage ranked once: the top ones for hit@k, all of them for the relevance check
+        hits = knowledge_base.search(item["question"], top_k=len(knowledge_base.chunks), relevant_only=False)
+        rank = next((i + 1 for i, hit in enumerate(hits[:depth]) if hit.chunk.source == item["source"]
                      and squash(item["evidence"]) in squash(hit.chunk.text)), None)
         found_at.append(rank)
-        kept += bool(knowledge_base.search(item["question"]))
+        kept += any(hit.relevant for hit in hits)
     refused = sum(not knowledge_base.search(item["question"]) for item in unanswerable)
     report = {f"hit@{k}": sum(r is not None and r <= k for r in found_at) / max(1, len(answerable)) for k in ks}
     report.update({

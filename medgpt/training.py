@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from template import split_stop_words
+
 logger = logging.getLogger("medgpt")
 
 CONFIG_FILE = "medgpt_config.yaml"
@@ -162,9 +164,8 @@ def turn_end_generation_config(model, tokenizer, template):
         return None
     import copy
 
-    vocab = tokenizer.get_vocab()
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = [vocab[word] for word in template.stop_words if word in vocab]
+    stops, _ = split_stop_words(template, tokenizer)
     config = copy.deepcopy(config)
     config.eos_token_id = list(dict.fromkeys(i for i in [*eos, *stops, tokenizer.eos_token_id] if i is not None))
     return config
