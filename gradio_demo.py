@@ -16,6 +16,7 @@ Answers come from a language model: they can be wrong and are not medical advice
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -31,6 +32,7 @@ EXAMPLES = [
     "孩子发烧38.5℃，精神还好，家长应该怎么处理？",
     "请解释一下血常规里白细胞偏高可能意味着什么。",
 ]
+EMPTY_ANSWER = "(The model ended its turn without any text. Ask again or rephrase the question.)"
 
 
 @dataclass
@@ -44,6 +46,19 @@ class DemoArguments:
     max_queue_size: int = field(default=64, metadata={"help": "Requests that may wait in the queue."})
     knowledge_base: bool = field(default=False, metadata={
         "help": "Add a Knowledge base tab that answers from the documents in --kb_dir with cited sources."})
+
+
+@dataclass
+class _Answer:
+    """One answer being generated for a browser session, so Stop and Clear can end it."""
+
+    stop: threading.Event = field(default_factory=threading.Event)  # ends the generation (set at its end too)
+    done: threading.Event = field(default_factory=threading.Event)  # set once the answer sent its last update
+    stopped_by_user: bool = False
+
+    def stop_now(self) -> None:
+        self.stopped_by_user = True
+        self.stop.set()
 
 
 def _text(content) -> str:
@@ -85,7 +100,9 @@ def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
         max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens")
     gr.Examples(EXAMPLES, inputs=question, label="Example questions")
 
-    def respond(message, history, system_prompt, temperature, top_p, max_new_tokens):
+    running: dict[str, _Answer] = {}  # session -> the answer it is generating
+
+    def respond(message, history, system_prompt, temperature, top_p, max_new_tokens, request: gr.Request):
         if not message or not message.strip():
             yield history, ""
             return
@@ -97,17 +114,40 @@ def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
             top_k=defaults.top_k, repetition_penalty=defaults.repetition_penalty,
         )
-        answer = ""
-        for piece in chat.stream(messages, settings):  # closing this generator (Stop) ends the generation
-            answer += piece
-            history[-1] = {"role": "assistant", "content": answer}
-            yield history, ""
+        current = running[request.session_hash] = _Answer()
+        try:
+            answer = ""
+            for piece in chat.stream(messages, settings, stop_event=current.stop):
+                if current.stopped_by_user:  # Stop or Clear: send nothing more
+                    return
+                answer += piece
+                history[-1] = {"role": "assistant", "content": answer}
+                yield history, ""
+            if not answer.strip() and not current.stopped_by_user:
+                history[-1] = {"role": "assistant", "content": EMPTY_ANSWER}
+                yield history, ""
+        finally:
+            current.done.set()
+            if running.get(request.session_hash) is current:
+                del running[request.session_hash]
+
+    def stop_answer(request: gr.Request):
+        """End this session's generation now (Gradio's cancel alone cannot interrupt a running step)."""
+        if current := running.get(request.session_hash):
+            current.stop_now()
+
+    def clear_chat(request: gr.Request):
+        """Stop this session's answer and wait until it has sent its last update, so it cannot refill the chat."""
+        if current := running.get(request.session_hash):
+            current.stop_now()
+            current.done.wait(timeout=30)
+        return [], ""
 
     inputs = [question, chatbot, system, temperature, top_p, max_new_tokens]
     sent = send.click(respond, inputs, [chatbot, question])
     submitted = question.submit(respond, inputs, [chatbot, question])
-    stop.click(None, None, None, cancels=[sent, submitted])
-    clear.click(lambda: ([], ""), None, [chatbot, question], cancels=[sent, submitted])
+    stop.click(stop_answer, None, None, cancels=[sent, submitted], concurrency_limit=None)
+    clear.click(clear_chat, None, [chatbot, question], cancels=[sent, submitted], concurrency_limit=None)
 
 
 def knowledge_base_tab(chat: ChatModel, defaults: GenerationArguments, knowledge_base) -> None:

@@ -157,8 +157,8 @@ def test_web_demo_streams_an_answer_and_answers_from_the_knowledge_base_in_chrom
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    process = start("gradio_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), "--max_new_tokens", "16",
-                    "--knowledge_base", "true", "--index_dir", str(tmp_path / "index"),
+    process = start("gradio_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), "--max_new_tokens", "1024",
+                    "--temperature", "0", "--knowledge_base", "true", "--index_dir", str(tmp_path / "index"),
                     ready_url=f"http://127.0.0.1:{port}/")
     try:
         with sync_playwright() as playwright:
@@ -177,6 +177,11 @@ def test_web_demo_streams_an_answer_and_answers_from_the_knowledge_base_in_chrom
             assert "What is a fever?" in page.inner_text("#chatbot")
             page.screenshot(path=str(tmp_path / "gradio_demo.png"))
             assert (tmp_path / "gradio_demo.png").stat().st_size > 10000
+            page.click("#stop")  # the 1024-token answer ends now and no longer grows
+            time.sleep(1.0)
+            stopped = page.inner_text("#chatbot")
+            time.sleep(2.0)
+            assert page.inner_text("#chatbot") == stopped
             page.click("#clear")
             page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('What is a fever?')",
                                    timeout=30000)
