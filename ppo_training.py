@@ -123,6 +123,13 @@ def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name:
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
     check_model_paths(training_args)
+    if training_args.resume_from_checkpoint:
+        raise SystemExit(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: PPO runs cannot resume. TRL's PPO "
+            "trainer keeps only the policy in checkpoint-* (not the value model or the rollout state). Start a new "
+            "run from that policy instead: --adapter_name_or_path CHECKPOINT for a LoRA policy (merged into the "
+            "weights, which then also serve as the KL reference) or --model_name_or_path CHECKPOINT for a full one, "
+            "with --total_episodes set to the episodes left.")
     if training_args.world_size > 1 and not (training_args.deepspeed or training_args.deepspeed_plugin):
         raise SystemExit("PPO in several processes needs DeepSpeed: add --deepspeed zero2.json (or zero3.json). "
                          "TRL's PPO loop reads the model's policy, which plain DDP wrapping hides.")

@@ -89,6 +89,9 @@ def test_ppo_needs_a_local_reward_model(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="not a model folder"):
         ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tmp_path),
                            "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="PPO runs cannot resume.*--adapter_name_or_path CHECKPOINT"):
+        ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_model_dir),
+                           "--output_dir", str(tmp_path), "--resume_from_checkpoint", "auto"])
 
 
 @pytest.mark.slow

@@ -189,11 +189,16 @@ def test_sigkill_mid_training_then_resume_auto_continues_the_same_curve(tiny_mod
     process.wait()
     assert not (killed / "metrics.json").exists()  # an interrupted run does not look complete
     assert not (killed / "checkpoint-8").exists()
+    for state_file in killed.glob("checkpoint-*/trainer_state.json"):  # visible later only if training resumed
+        state = json.loads(state_file.read_text())
+        state["log_history"][0]["loss"] = -1.0
+        state_file.write_text(json.dumps(state))
 
     run_sft(*sft_args(tiny_model_dir, sft_data_dir, killed, *common, "--resume_from_checkpoint", "auto"))
     assert (killed / "metrics.json").is_file()
     whole, resumed = losses(tmp_path / "whole"), losses(killed)
     assert sorted(resumed) == list(range(1, 9))
+    assert resumed[1] == -1.0, "the resumed run trained from step 1 again"
     for step in range(5, 9):  # the steps trained after the resume
         assert resumed[step] == pytest.approx(whole[step], rel=1e-4), step
 
