@@ -35,7 +35,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.datasets import json_reader, load_train_validation, question_from_record
 from medgpt.evaluation import score_questions
 from medgpt.generation import ChatModel
-from medgpt.modeling import load_model, load_tokenizer
+from medgpt.modeling import check_reward_model, load_model, load_tokenizer
 from medgpt.rewards import REWARD_FUNCTIONS
 from medgpt.training import resolve_resume, save_outputs, start_run
 from template import get_template
@@ -75,6 +75,7 @@ def build_rewards(script_args: GRPOScriptArguments, training_args: GRPOConfig):
     if script_args.reward_model_path:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        check_reward_model(script_args.reward_model_path)
         rewards.append(AutoModelForSequenceClassification.from_pretrained(script_args.reward_model_path, num_labels=1))
         tokenizers.append(AutoTokenizer.from_pretrained(script_args.reward_model_path))
     weights = training_args.reward_weights

@@ -27,7 +27,34 @@ from medgpt.modeling import load_model, load_tokenizer
 class MergeArguments:
     """Where the merged model goes."""
 
-    output_dir: str = field(default="outputs/merged", metadata={"help": "Folder for the merged model."})
+    output_dir: str = field(default="outputs/merged", metadata={
+        "help": "Folder for the merged model. An earlier merge there is replaced; any other non-empty folder is "
+                "refused unless --overwrite_output_dir true."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace --output_dir even if it holds something other than an earlier merge (its files are deleted)."})
+
+
+MARKER = "merged_from.json"  # written into every merged folder, so a later merge may replace it
+# a folder holding only these files is a model that a merge may replace
+MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+               "special_tokens_map.json", "added_tokens.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+               "model.safetensors.index.json", "tokenizer.model"}
+
+
+def check_target(target: Path, model_args, overwrite: bool) -> None:
+    """Refuse to delete the inputs or a folder this script did not write."""
+    for flag, source in (("--lora_model", model_args.adapter_name_or_path),
+                         ("--base_model", model_args.model_name_or_path)):
+        if Path(source).exists() and target.exists() and target.resolve() == Path(source).resolve():
+            raise SystemExit(f"--output_dir {target} is the {flag} folder; merging there would delete it. "
+                             "Choose another --output_dir (e.g. outputs/sft-merged).")
+    if not target.is_dir() or (target / MARKER).is_file() or overwrite:
+        return
+    others = sorted(p.name for p in target.iterdir()
+                    if not (p.is_file() and (p.name in MODEL_FILES or p.name.endswith(".safetensors"))))
+    if others:
+        raise SystemExit(f"--output_dir {target} holds more than a merged model ({', '.join(others[:5])}); merging "
+                         "there would delete it. Choose a new folder, or pass --overwrite_output_dir true.")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -35,6 +62,11 @@ def main(argv: list[str] | None = None) -> Path:
     adapter = model_args.adapter_name_or_path
     if not adapter:
         raise SystemExit("--lora_model (the adapter folder to merge) is required.")
+    if Path(adapter).is_dir() and not Path(adapter, "adapter_config.json").is_file():
+        raise SystemExit(f"--lora_model {adapter} has no adapter_config.json, so it is not a LoRA adapter folder "
+                         "(a full model needs no merge: use it as --model_name_or_path directly).")
+    target = Path(args.output_dir)
+    check_target(target, model_args, args.overwrite_output_dir)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise SystemExit("Merge into full-precision weights: drop --load_in_4bit/--load_in_8bit.")
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else None
@@ -44,7 +76,6 @@ def main(argv: list[str] | None = None) -> Path:
     adapter_config = json.loads(Path(adapter, "adapter_config.json").read_text()) if Path(adapter).is_dir() else {}
     task = "sequence-classification" if adapter_config.get("task_type") == "SEQ_CLS" else "causal-lm"  # reward models
     model = load_model(model_args, None, training=False, task=task)  # loads the adapter and merges it
-    target = Path(args.output_dir)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     if Path(adapter, "generation_config.json").is_file():  # the end-of-turn tokens of the adapter's template
@@ -53,6 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
         model.generation_config = GenerationConfig.from_pretrained(adapter)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    (staging / MARKER).write_text(json.dumps({"base_model": model_args.model_name_or_path, "lora_model": adapter}))
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)

@@ -29,7 +29,6 @@ import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import datasets
 
@@ -39,7 +38,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args  # noqa: E402
 from medgpt.datasets import load_train_validation, qa_reader  # noqa: E402
-from medgpt.modeling import load_model, load_tokenizer  # noqa: E402
+from medgpt.modeling import check_reward_model, load_model, load_tokenizer  # noqa: E402
 from medgpt.training import save_outputs, start_run  # noqa: E402
 from template import get_template  # noqa: E402
 
@@ -97,9 +96,7 @@ def check_model_paths(training_args: PPOConfig) -> None:
                          "(and --adapter_name_or_path for an SFT adapter).")
     if training_args.reward_model_path == defaults["reward_model_path"] or not training_args.reward_model_path:
         raise SystemExit("--reward_model_path is required: the output folder of reward_modeling.py.")
-    if not Path(training_args.reward_model_path, "config.json").is_file():
-        raise SystemExit(f"--reward_model_path {training_args.reward_model_path}: not a model folder (no config.json). "
-                         "Train one with reward_modeling.py (a LoRA reward model is saved merged).")
+    check_reward_model(training_args.reward_model_path)
 
 
 def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name: str):
@@ -122,7 +119,6 @@ def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
-    check_model_paths(training_args)
     if training_args.resume_from_checkpoint:
         raise SystemExit(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: PPO runs cannot resume. TRL's PPO "
@@ -130,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             "run from that policy instead: --adapter_name_or_path CHECKPOINT for a LoRA policy (merged into the "
             "weights, which then also serve as the KL reference) or --model_name_or_path CHECKPOINT for a full one, "
             "with --total_episodes set to the episodes left.")
+    check_model_paths(training_args)
     if training_args.world_size > 1 and not (training_args.deepspeed or training_args.deepspeed_plugin):
         raise SystemExit("PPO in several processes needs DeepSpeed: add --deepspeed zero2.json (or zero3.json). "
                          "TRL's PPO loop reads the model's policy, which plain DDP wrapping hides.")

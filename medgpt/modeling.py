@@ -25,6 +25,25 @@ def resolve_model_path(model_args: ModelArguments) -> str:
     return model_args.model_name_or_path
 
 
+def check_reward_model(path: str, flag: str = "--reward_model_path") -> None:
+    """A reward model folder: a full model with a one-score head, as reward_modeling.py saves it.
+
+    Anything else would load with a randomly initialised score head and reward noise.
+    """
+    import json
+
+    config_file = Path(path, "config.json")
+    how = "Train one with reward_modeling.py (it saves the reward model merged, ready for this flag)."
+    if not config_file.is_file():
+        kind = "a LoRA adapter" if Path(path, "adapter_config.json").is_file() else "not a model folder"
+        raise SystemExit(f"{flag} {path}: {kind} (no config.json). {how}")
+    config = json.loads(config_file.read_text())
+    heads = [a for a in config.get("architectures") or [] if a.endswith("ForSequenceClassification")]
+    if not heads or len(config.get("id2label") or {"0": ""}) != 1:
+        raise SystemExit(f"{flag} {path}: not a reward model (architectures {config.get('architectures')}, "
+                         f"{len(config.get('id2label') or {})} labels; a reward model has one score). {how}")
+
+
 def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
     """Tokenizer with a pad token that is not the end-of-turn token.
 

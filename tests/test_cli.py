@@ -100,3 +100,22 @@ def test_vllm_lora_rank_and_deployment_script_without_vllm(tmp_path):
     run = subprocess.run(["bash", "vllm_deployment.sh", "outputs/sft-merged"], cwd=ROOT, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "MEDGPT_VLLM_PYTHON": str(tmp_path / "none" / "python")})
     assert run.returncode == 1 and "requirements-vllm.txt" in run.stderr
+
+
+def test_merge_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path):
+    from merge_peft_adapter import main as merge
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="holds more than a merged model.*train.jsonl.*--overwrite_output_dir"):
+        merge(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(mine)])
+    with pytest.raises(SystemExit, match="is the --lora_model folder"):
+        merge(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(adapter),
+               "--overwrite_output_dir", "true"])
+    with pytest.raises(SystemExit, match="no adapter_config.json, so it is not a LoRA adapter folder"):
+        merge(["--base_model", str(tiny_model_dir), "--lora_model", str(tiny_model_dir), "--output_dir", str(tmp_path / "m")])
+    assert (mine / "train.jsonl").is_file() and (adapter / "adapter_config.json").is_file()

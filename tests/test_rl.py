@@ -89,6 +89,9 @@ def test_ppo_needs_a_local_reward_model(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="not a model folder"):
         ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tmp_path),
                            "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a reward model .*LlamaForCausalLM.*reward_modeling.py"):
+        ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_model_dir),
+                           "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="PPO runs cannot resume.*--adapter_name_or_path CHECKPOINT"):
         ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_model_dir),
                            "--output_dir", str(tmp_path), "--resume_from_checkpoint", "auto"])
@@ -124,3 +127,6 @@ def test_grpo_rejects_unknown_reward_and_bad_weights(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="--reward_weights has 1 numbers for 2 rewards"):
         grpo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_functions", "accuracy,format",
                             "--reward_weights", "1.0", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--reward_model_path .*: not a reward model"):
+        grpo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_functions", "accuracy",
+                            "--reward_model_path", str(tiny_model_dir), "--output_dir", str(tmp_path)])
