@@ -49,9 +49,11 @@ FORMAT_KEYS = {"conversations", "messages", "instruction", "input", "output", "s
 
 
 def detect_kind(data: dict) -> str:
-    """sft, preference or text, from a record's keys (question: only when asked for)."""
+    """sft, preference, question (multiple choice: it has options) or text, from a record's keys."""
     if any(key in data for key in PREFERENCE_KEYS):
         return "preference"
+    if "question" in data and "options" in data:
+        return "question"
     if "text" in data and not any(key in data for key in ("conversations", "messages", "instruction", "question")):
         return "text"
     return "sft"
@@ -141,7 +143,8 @@ class ValidateArguments:
 
     inputs: list[str] = field(metadata={"help": "Files or folders (.jsonl, .json, .txt), searched recursively."})
     kind: str = field(default="auto", metadata={
-        "help": "auto (per record: preference if chosen/rejected, text if only text, else SFT), sft, "
+        "help": "auto (per record: preference if chosen/rejected, question if question and options, text if only "
+                "text, else SFT), sft, "
                 "preference, question (GRPO/evaluation questions with checkable answers) or text."})
 
     def __post_init__(self):
@@ -283,6 +286,11 @@ class DedupArguments:
     def __post_init__(self):
         if not 0 < self.threshold <= 1:
             raise ValueError(f"--threshold {self.threshold}: must be in (0, 1].")
+        if self.shingle_size < 1 or self.num_perm < 2:
+            raise ValueError("--shingle_size must be at least 1 and --num_perm at least 2.")
+        if self.removed_output and Path(self.removed_output).resolve() == Path(self.output).resolve():
+            raise ValueError(f"--removed_output {self.removed_output} is --output: the kept records would be "
+                             "overwritten. Give it another file.")
 
 
 def find_duplicates(texts: list[str], args: DedupArguments) -> dict[int, tuple[int, str]]:
@@ -346,13 +354,17 @@ class MixArguments:
         "help": "When --size needs more records than a source has, repeat its records (reported). False: an error."})
     seed: int = field(default=42, metadata={"help": "Random seed for sampling and shuffling."})
 
+    def __post_init__(self):
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"--size {self.size}: must be a positive number of records (or leave it out).")
+
     def parsed_sources(self) -> list[tuple[str, float]]:
         pairs, problems = [], []
         for item in self.sources:
             path, _, weight = item.rpartition("=")
             try:
                 value = float(weight)
-                if not path or value <= 0:
+                if not path or not 0 < value < float("inf"):
                     raise ValueError
                 pairs.append((path, value))
             except ValueError:

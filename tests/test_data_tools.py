@@ -150,3 +150,22 @@ def test_every_command_explains_its_flags():
         assert flag in data_tool(command, "--help").stdout
     run = data_tool("shuffle", check=False)
     assert run.returncode == 2 and "Unknown command 'shuffle'" in run.stderr
+
+
+def test_mix_keeps_multiple_choice_questions_whole_and_bad_arguments_lose_nothing(tmp_path):
+    mcq = [{"question": f"Which drug is a beta blocker ({i})?", "options": {"A": "Metoprolol", "B": "Amlodipine"},
+            "answer": "A"} for i in range(4)]
+    source = write_jsonl(tmp_path / "q.jsonl", mcq)
+    data_tool("mix", "--sources", f"{source}=1", "--output", str(tmp_path / "mixed.jsonl"))
+    assert sorted(map(json.dumps, read_jsonl(tmp_path / "mixed.jsonl"))) == sorted(map(json.dumps, mcq))
+
+    kept = tmp_path / "kept.jsonl"
+    for args, message in [
+        (("dedup", "--inputs", str(source), "--output", str(kept), "--removed_output", str(kept)), "would be overwritten"),
+        (("mix", "--sources", f"{source}=nan", "--output", str(kept)), "positive weight"),
+        (("mix", "--sources", f"{source}=1", "--size", "-3", "--output", str(kept)), "--size -3"),
+        (("dedup", "--inputs", str(source), "--output", str(kept), "--shingle_size", "0"), "--shingle_size"),
+    ]:
+        result = data_tool(*args, check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, args
+    assert not kept.exists()
