@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgpt.args import ModelArguments, parse_args
+from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.datasets import load_records
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 from medgpt.rag import RagArguments, answer_stream, evaluate_retrieval, open_knowledge_base
@@ -110,4 +109,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -30,7 +30,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args  # noqa: E402
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
 from medgpt.datasets import load_preference_datasets
 from medgpt.modeling import load_model, load_tokenizer
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

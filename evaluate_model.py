@@ -20,11 +20,10 @@ Files may be folders (searched recursively). --max_samples keeps CPU runs short.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgpt.args import parse_args
+from medgpt.args import parse_args, run_cli
 from medgpt.datasets import (
     find_data_files,
     json_reader,
@@ -159,4 +158,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -15,13 +15,12 @@ Answers come from a language model: they can be wrong and are not medical advice
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass, field
 
 import gradio as gr
 
-from medgpt.args import ModelArguments, parse_args
+from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 from medgpt.rag import RagArguments, answer_stream, open_knowledge_base
 
@@ -188,4 +187,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

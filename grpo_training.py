@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import datasets
 from trl import GRPOConfig, GRPOTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
 from medgpt.datasets import json_reader, load_train_validation, question_from_record
 from medgpt.evaluation import score_questions
 from medgpt.generation import ChatModel
@@ -132,4 +132,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,13 +15,12 @@ Answers come from a language model: they can be wrong and are not medical advice
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from medgpt.args import ModelArguments, parse_args
+from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.datasets import DataError, qa_reader
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 
@@ -161,4 +160,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

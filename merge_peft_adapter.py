@@ -15,11 +15,10 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgpt.args import ModelArguments, parse_args
+from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.modeling import load_model, load_tokenizer
 
 
@@ -93,4 +92,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medgpt.args import ModelArguments, parse_args
+from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.generation import ChatModel, GenerationArguments
 
 
@@ -208,4 +207,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -36,7 +36,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.exper
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args  # noqa: E402
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
 from medgpt.datasets import load_train_validation, qa_reader  # noqa: E402
 from medgpt.modeling import check_reward_model, load_model, load_tokenizer  # noqa: E402
 from medgpt.training import save_outputs, start_run  # noqa: E402
@@ -179,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

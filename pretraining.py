@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
 from medgpt.datasets import (
     build_pretraining_blocks,
     deduplicate_documents,
@@ -103,4 +103,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,7 +23,7 @@ import logging
 
 from trl import RewardConfig, RewardTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
 from medgpt.datasets import load_preference_datasets
 from medgpt.modeling import load_model, load_tokenizer
 from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -173,11 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     rag = Stage("rag", "chatpdf.py", ["--eval_file", "data/rag/questions.jsonl", "--index_dir", str(out / "rag" / "index"),
                                       "--eval_output", str(out / "rag" / "retrieval.json")], "rag", "retrieval.json", None)
     plan = stages(out) + [evaluation_stage(out, args.eval_samples), rag]
-    if args.stages:
-        wanted = [s.strip() for s in args.stages.split(",")]
+    if args.stages is not None:
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = set(wanted) - {s.name for s in plan}
-        if unknown:
-            parser.error(f"--stages: unknown {', '.join(sorted(unknown))}; valid: {', '.join(s.name for s in plan)}")
+        if unknown or not wanted:
+            parser.error(f"--stages: unknown {', '.join(sorted(unknown)) or '(none given)'}; valid: {', '.join(s.name for s in plan)}")
         plan = [s for s in plan if s.name in wanted]
     durations = {}
     for index, stage in enumerate(plan, start=1):

@@ -20,7 +20,7 @@ import logging
 
 from trl import SFTConfig, SFTTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
 from medgpt.datasets import build_sft_dataset, conversation_from_record, json_reader, load_train_validation
 from medgpt.modeling import load_model, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -332,12 +332,16 @@ TEMPLATES: dict[str, FormatTemplate] = {
 }
 
 
+class UnknownTemplateError(ValueError):
+    """--template_name is not a registered template."""
+
+
 def get_template(name: str | None, tokenizer) -> ChatTemplate:
     """The template called ``name``, bound to ``tokenizer``; ``None`` means the tokenizer's own."""
     if name in (None, "", "default", "tokenizer"):
         return TokenizerTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(
+        raise UnknownTemplateError(
             f"Unknown --template_name '{name}'. Valid names: {', '.join(sorted(TEMPLATES))} "
             "(or leave it unset to use the tokenizer's own chat template)."
         )

@@ -199,6 +199,18 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
     return (*instances, resolved)
 
 
+def run_cli(main) -> None:
+    """Run a script's ``main()`` so that problems in the user's data or choices end with their message
+    (every problem with its file and line, or the flag), not a Python traceback."""
+    from medgpt.datasets import DataError
+    from template import UnknownTemplateError
+
+    try:
+        main(sys.argv[1:])
+    except (DataError, UnknownTemplateError) as error:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
+
+
 def _pop_config(argv: list[str]) -> str | None:
     for index, token in enumerate(argv):
         if token == "--config":
@@ -206,11 +218,17 @@ def _pop_config(argv: list[str]) -> str | None:
                 raise SystemExit("--config needs a YAML file path")
             path = argv[index + 1]
             del argv[index : index + 2]
-            return path
+            break
         if token.startswith("--config="):
             del argv[index]
-            return token.split("=", 1)[1]
-    return None
+            path = token.split("=", 1)[1]
+            break
+    else:
+        return None
+    if any(token == "--config" or token.startswith("--config=") for token in argv):
+        raise SystemExit("--config given more than once: only one YAML file is read. Put the values in one file "
+                         "and override single values with flags.")
+    return path
 
 
 def _read_config(path: str, known: set[str]) -> dict[str, Any]:

@@ -119,3 +119,23 @@ def test_merge_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="no adapter_config.json, so it is not a LoRA adapter folder"):
         merge(["--base_model", str(tiny_model_dir), "--lora_model", str(tiny_model_dir), "--output_dir", str(tmp_path / "m")])
     assert (mine / "train.jsonl").is_file() and (adapter / "adapter_config.json").is_file()
+
+
+def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}\n'
+                      '{"conversations": [\n')
+    common = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+    result = run_script("supervised_finetuning.py", *common, "--train_files", str(broken), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "supervised_finetuning.py: error: Found 1 problem(s)" in result.stderr and f"{broken}:2:" in result.stderr
+    result = run_script("supervised_finetuning.py", *common, "--train_files", str(broken), "--template_name", "nope",
+                        check=False)
+    assert result.returncode == 1 and "Unknown --template_name 'nope'" in result.stderr and "Traceback" not in result.stderr
+    config = tmp_path / "a.yaml"
+    config.write_text("max_steps: 3\n")
+    result = run_script("supervised_finetuning.py", "--config", str(config), "--config", str(config), *common,
+                        check=False)
+    assert result.returncode != 0 and "--config given more than once" in result.stderr
+    result = run_script("run_pipeline.py", "--stages", "", check=False)
+    assert result.returncode != 0 and "--stages: unknown (none given)" in result.stderr
