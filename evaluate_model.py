@@ -20,6 +20,7 @@ Files may be folders (searched recursively). --max_samples keeps CPU runs short.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,11 @@ def model_arguments(spec: str, template_name: str | None):
         raise SystemExit(f"--models {spec}: expected NAME=PATH, NAME=BASE+ADAPTER or NAME=DEFAULT.")
     name, path = spec.split("=", 1)
     base, _, adapter = path.partition("+")
-    return name, ModelArguments(model_name_or_path=None if base == "DEFAULT" else base,
-                                adapter_name_or_path=adapter or None, template_name=template_name)
+    try:
+        return name, ModelArguments(model_name_or_path=None if base == "DEFAULT" else base,
+                                    adapter_name_or_path=adapter or None, template_name=template_name)
+    except ValueError as error:
+        raise SystemExit(f"--models {spec}: {error}") from None
 
 
 def read(files: list[str], reader, extensions, flag: str, limit: int | None) -> list:
@@ -121,27 +125,30 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("Nothing to evaluate: pass --models and/or --reward_models (see --help).")
     if args.reward_models and not args.preference_files:
         raise SystemExit("--reward_models needs --preference_files (held-out pairs).")
+    questions = read(args.qa_files, qa_reader, (".jsonl", ".json", ".txt"), "qa", args.max_samples)
+    if unanswered := sum("reference" not in i for i in questions):
+        print(f"--qa_files: {unanswered} of {len(questions)} questions have no reference answer and are not "
+              "scored (BLEU/ROUGE need one).", file=sys.stderr)
     data = {
-        "qa": [i for i in read(args.qa_files, qa_reader, (".jsonl", ".json", ".txt"), "qa", args.max_samples)
-               if "reference" in i],
+        "qa": [i for i in questions if "reference" in i],
         "text": [t for t in read(args.text_files, text_document_reader(), (".txt", ".jsonl", ".json"), "text",
                                  args.max_samples)],
         "mcq": read(args.mcq_files, json_reader(question_from_record), (".jsonl", ".json"), "mcq", args.max_samples),
         "pairs": read(args.preference_files, json_reader(preference_from_record), (".jsonl", ".json"), "preference",
                       args.max_samples),
     }
+    models = [model_arguments(spec, args.template_name) for spec in args.models]  # every spec checked first
+    reward_models = [model_arguments(spec, args.template_name) for spec in args.reward_models]
     results = {}
-    for spec in args.models:
-        name, model_args = model_arguments(spec, args.template_name)
+    for name, model_args in models:
         print(f"== evaluating {name}", flush=True)
         results[name] = evaluate_chat_model(ChatModel.load(model_args), data, args)
-    for spec in args.reward_models:
+    for name, model_args in reward_models:
         from transformers import AutoModelForSequenceClassification
 
         from medgpt.modeling import load_tokenizer
         from template import get_template
 
-        name, model_args = model_arguments(spec, args.template_name)
         print(f"== evaluating reward model {name}", flush=True)
         tokenizer = load_tokenizer(model_args)
         model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, num_labels=1).eval()

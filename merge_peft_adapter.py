@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> Path:
     adapter = model_args.adapter_name_or_path
     if not adapter:
         raise SystemExit("--lora_model (the adapter folder to merge) is required.")
-    if Path(adapter).is_dir() and not Path(adapter, "adapter_config.json").is_file():
-        raise SystemExit(f"--lora_model {adapter} has no adapter_config.json, so it is not a LoRA adapter folder "
-                         "(a full model needs no merge: use it as --model_name_or_path directly).")
     target = Path(args.output_dir)
     check_target(target, model_args, args.overwrite_output_dir)
     if model_args.load_in_4bit or model_args.load_in_8bit:

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
             "run from that policy instead: --adapter_name_or_path CHECKPOINT for a LoRA policy (merged into the "
             "weights, which then also serve as the KL reference) or --model_name_or_path CHECKPOINT for a full one, "
             "with --total_episodes set to the episodes left.")
+    if training_args.max_steps > 0:
+        raise SystemExit(f"--max_steps {training_args.max_steps}: TRL's PPO does not read it. Set the run's length "
+                         "with --total_episodes (prompts answered in all) or --num_train_epochs.")
     check_model_paths(training_args)
     if training_args.world_size > 1 and not (training_args.deepspeed or training_args.deepspeed_plugin):
         raise SystemExit("PPO in several processes needs DeepSpeed: add --deepspeed zero2.json (or zero3.json). "

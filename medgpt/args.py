@@ -68,6 +68,27 @@ class ModelArguments:
         default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."}
     )
 
+    def __post_init__(self):
+        for flag, value in (("--model_name_or_path (--base_model)", self.model_name_or_path),
+                            ("--tokenizer_name_or_path", self.tokenizer_name_or_path),
+                            ("--adapter_name_or_path (--lora_model)", self.adapter_name_or_path)):
+            if value and looks_like_a_path(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"{flag} {value}: no such folder. Check the path (each stage writes its model "
+                                 "to its --output_dir).")
+        if self.adapter_name_or_path and Path(self.adapter_name_or_path).is_dir() and not Path(
+                self.adapter_name_or_path, "adapter_config.json").is_file():
+            raise ValueError(f"--adapter_name_or_path (--lora_model) {self.adapter_name_or_path}: no "
+                             "adapter_config.json there, so not a LoRA adapter. Point it at the output folder of a "
+                             "LoRA run, or pass a full or merged model as --model_name_or_path.")
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a hub name (namespace/name): absolute, ./ ../ ~, deeper than one slash, or its
+    first folder exists here (outputs/sft-mergd is a mistyped folder, not a hub model)."""
+    parts = Path(name).parts
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or (len(parts) > 1 and Path(parts[0]).is_dir()))
+
 
 @dataclass
 class LoraArguments:

@@ -135,11 +135,14 @@ def read_document(path: Path) -> list[tuple[str, int | None]]:
             raise ValueError(f"not a readable PDF ({error}).") from None
     if suffix == ".docx":
         import docx
+        import zipfile
+
         from docx.opc.exceptions import PackageNotFoundError
+        from lxml.etree import XMLSyntaxError
 
         try:
             document = docx.Document(str(path))
-        except (PackageNotFoundError, KeyError, ValueError) as error:
+        except (PackageNotFoundError, KeyError, ValueError, XMLSyntaxError, zipfile.BadZipFile) as error:
             raise ValueError(f"not a readable .docx file ({error}).") from None
         paragraphs = [p.text for p in document.paragraphs]
         for table in document.tables:  # tables hold much of the numbers in clinical documents

@@ -116,7 +116,7 @@ def test_merge_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="is the --lora_model folder"):
         merge(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(adapter),
                "--overwrite_output_dir", "true"])
-    with pytest.raises(SystemExit, match="no adapter_config.json, so it is not a LoRA adapter folder"):
+    with pytest.raises(SystemExit, match="no adapter_config.json there, so not a LoRA adapter"):
         merge(["--base_model", str(tiny_model_dir), "--lora_model", str(tiny_model_dir), "--output_dir", str(tmp_path / "m")])
     assert (mine / "train.jsonl").is_file() and (adapter / "adapter_config.json").is_file()
 
@@ -137,5 +137,10 @@ def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(t
     result = run_script("supervised_finetuning.py", "--config", str(config), "--config", str(config), *common,
                         check=False)
     assert result.returncode != 0 and "--config given more than once" in result.stderr
+    result = run_script("inference.py", "--base_model", str(tmp_path / "sft-mergd"), "--interactive", check=False)
+    assert result.returncode != 0 and "sft-mergd: no such folder" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("merge_peft_adapter.py", "--base_model", str(tiny_model_dir), "--lora_model",
+                        str(tiny_model_dir), check=False)
+    assert result.returncode != 0 and "not a LoRA adapter" in result.stderr
     result = run_script("run_pipeline.py", "--stages", "", check=False)
     assert result.returncode != 0 and "--stages: unknown (none given)" in result.stderr

@@ -87,12 +87,23 @@ def test_unreadable_documents_are_all_reported_with_their_files(tmp_path):
     (tmp_path / "broken.pdf").write_bytes(b"this is not a pdf at all")
     (tmp_path / "latin1.txt").write_bytes("first line\nfi\xe8vre\n".encode("latin-1"))
     (tmp_path / "empty.md").write_text("   \n", encoding="utf-8")
+    import zipfile
+
+    from docx import Document
+
+    Document().save(str(tmp_path / "good.docx"))
+    with zipfile.ZipFile(tmp_path / "good.docx") as source, zipfile.ZipFile(tmp_path / "broken.docx", "w") as target:
+        for item in source.infolist():  # the same package with its main part cut mid-tag
+            data = source.read(item.filename)
+            target.writestr(item, data[:60] if item.filename == "word/document.xml" else data)
+    (tmp_path / "good.docx").unlink()
     with pytest.raises(DataError) as error:
         chunk_documents(str(tmp_path), 400, 50)
     message = str(error.value)
     assert "broken.pdf: not a readable PDF" in message
     assert "latin1.txt: line 2: not UTF-8" in message
     assert "empty.md: no text found" in message
+    assert "broken.docx: not a readable .docx file" in message
 
 
 def test_index_is_saved_reused_and_rebuilt_when_a_document_changes(tmp_path):

@@ -92,6 +92,9 @@ def test_ppo_needs_a_local_reward_model(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="not a reward model .*LlamaForCausalLM.*reward_modeling.py"):
         ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_model_dir),
                            "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--max_steps 3: TRL's PPO does not read it.*--total_episodes"):
+        ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_model_dir),
+                           "--output_dir", str(tmp_path), "--max_steps", "3"])
     with pytest.raises(SystemExit, match="PPO runs cannot resume.*--adapter_name_or_path CHECKPOINT"):
         ppo_training.main(["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_model_dir),
                            "--output_dir", str(tmp_path), "--resume_from_checkpoint", "auto"])
