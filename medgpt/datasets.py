@@ -181,10 +181,17 @@ def _turns(items, key: str, role_key: str, content_key: str) -> list[dict]:
 
 def record_to_messages(data: dict) -> list[dict]:
     """Convert one record of any supported format to OpenAI-style messages (not yet order-checked)."""
-    if "conversations" in data:
-        return _turns(data["conversations"], "conversations", "from", "value")
-    if "messages" in data:
-        return _turns(data["messages"], "messages", "role", "content")
+    formats = [key for key in ("conversations", "messages", "instruction") if key in data]
+    if len(formats) > 1:
+        raise ValueError(f"has both {' and '.join(map(repr, formats))}; one record holds one format.")
+    if "conversations" in data or "messages" in data:
+        turns = (_turns(data["conversations"], "conversations", "from", "value") if "conversations" in data
+                 else _turns(data["messages"], "messages", "role", "content"))
+        if _system(data):  # a top-level system prompt (LLaMA-Factory's ShareGPT layout)
+            if turns and turns[0]["role"] == "system":
+                raise ValueError("has a top-level 'system' and a system turn; keep one of them.")
+            turns = _system(data) + turns
+        return turns
     if "instruction" in data or "output" in data:
         return _alpaca_messages(data)
     question_key = next((k for k in ("question", "问") if k in data), None)
@@ -193,7 +200,7 @@ def record_to_messages(data: dict) -> list[dict]:
         if not (question_key and answer_key):
             missing = "answer" if question_key else "question"
             raise ValueError(f"has '{question_key or answer_key}' but no '{missing}'.")
-        messages = _system(data)
+        messages = _system(data) + _history(data)
         messages += [
             {"role": "user", "content": _text(data[question_key], f"'{question_key}'")},
             {"role": "assistant", "content": _text(data[answer_key], f"'{answer_key}'")},
@@ -213,19 +220,25 @@ def _system(data: dict) -> list[dict]:
     return [{"role": "system", "content": _text(system, "'system'")}]
 
 
-def _alpaca_messages(data: dict) -> list[dict]:
-    for key in ("instruction", "output"):
-        if key not in data:
-            raise ValueError(f"Alpaca record has no '{key}'.")
-    messages = _system(data)
+def _history(data: dict) -> list[dict]:
+    """Earlier turns of an Alpaca or question/answer record: 'history' as [question, answer] pairs."""
     history = data.get("history") or []
     if not isinstance(history, list):
         raise ValueError("'history' must be a list of [question, answer] pairs.")
+    messages = []
     for index, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise ValueError(f"history[{index}] must be a [question, answer] pair.")
         messages.append({"role": "user", "content": _text(pair[0], f"history[{index}] question")})
         messages.append({"role": "assistant", "content": _text(pair[1], f"history[{index}] answer")})
+    return messages
+
+
+def _alpaca_messages(data: dict) -> list[dict]:
+    for key in ("instruction", "output"):
+        if key not in data:
+            raise ValueError(f"Alpaca record has no '{key}'.")
+    messages = _system(data) + _history(data)
     prompt = _text(data["instruction"], "'instruction'")
     extra = data.get("input") or ""
     if not isinstance(extra, str):

@@ -146,3 +146,20 @@ def test_overlong_conversations_are_cut_at_turn_boundaries(tokenizer):
     dataset, counts = build_sft_dataset(records, tokenizer, template, max_length=200, overlong_policy="truncate")
     assert counts == {"kept": 1, "cut": 1, "truncated": 1, "skipped": 0}
     assert len(dataset) == 3 and max(len(r) for r in dataset["input_ids"]) == 200
+
+
+def test_top_level_system_and_question_answer_history_are_kept_not_dropped():
+    sharegpt = {"system": "You are a careful triage nurse.",
+                "conversations": [{"from": "human", "value": "Chest pain at rest?"},
+                                  {"from": "gpt", "value": "Call your emergency number now."}]}
+    assert [m["role"] for m in conversation_from_record(sharegpt)] == ["system", "user", "assistant"]
+    assert conversation_from_record(sharegpt)[0]["content"] == "You are a careful triage nurse."
+    qa = {"question": "And if it passes?", "answer": "Still get checked today.",
+          "history": [["Chest pain at rest?", "Call your emergency number now."]]}
+    assert [m["content"] for m in conversation_from_record(qa)] == [
+        "Chest pain at rest?", "Call your emergency number now.", "And if it passes?", "Still get checked today."]
+    twice = {**sharegpt, "conversations": [{"from": "system", "value": "x"}, *sharegpt["conversations"]]}
+    with pytest.raises(ValueError, match="top-level 'system' and a system turn"):
+        conversation_from_record(twice)
+    with pytest.raises(ValueError, match="has both 'conversations' and 'instruction'"):
+        conversation_from_record({**sharegpt, "instruction": "Hi", "output": "Hello"})
