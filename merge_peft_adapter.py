@@ -44,7 +44,7 @@ def check_target(target: Path, model_args, overwrite: bool) -> None:
     """Refuse to delete the inputs or a folder this script did not write."""
     for flag, source in (("--lora_model", model_args.adapter_name_or_path),
                          ("--base_model", model_args.model_name_or_path)):
-        if Path(source).exists() and target.exists() and target.resolve() == Path(source).resolve():
+        if source and target.exists() and Path(source).exists() and target.resolve() == Path(source).resolve():
             raise SystemExit(f"--output_dir {target} is the {flag} folder; merging there would delete it. "
                              "Choose another --output_dir (e.g. outputs/sft-merged).")
     if not target.is_dir() or (target / MARKER).is_file() or overwrite:

@@ -187,11 +187,10 @@ def record_to_messages(data: dict) -> list[dict]:
     if "conversations" in data or "messages" in data:
         turns = (_turns(data["conversations"], "conversations", "from", "value") if "conversations" in data
                  else _turns(data["messages"], "messages", "role", "content"))
-        if _system(data):  # a top-level system prompt (LLaMA-Factory's ShareGPT layout)
-            if turns and turns[0]["role"] == "system":
-                raise ValueError("has a top-level 'system' and a system turn; keep one of them.")
-            turns = _system(data) + turns
-        return turns
+        system = _system(data)  # a top-level system prompt (LLaMA-Factory's ShareGPT layout)
+        if system and turns and turns[0]["role"] == "system":
+            raise ValueError("has a top-level 'system' and a system turn; keep one of them.")
+        return system + turns
     if "instruction" in data or "output" in data:
         return _alpaca_messages(data)
     question_key = next((k for k in ("question", "问") if k in data), None)

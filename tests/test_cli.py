@@ -113,6 +113,8 @@ def test_merge_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path):
     (mine / "train.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit, match="holds more than a merged model.*train.jsonl.*--overwrite_output_dir"):
         merge(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(mine)])
+    with pytest.raises(SystemExit, match="holds more than a merged model"):  # the embedded default as the base
+        merge(["--lora_model", str(adapter), "--output_dir", str(mine)])
     with pytest.raises(SystemExit, match="is the --lora_model folder"):
         merge(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(adapter),
                "--overwrite_output_dir", "true"])
