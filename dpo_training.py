@@ -31,10 +31,9 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
-from medgpt.datasets import load_preference_datasets
-from medgpt.modeling import load_model, load_tokenizer
+from medgpt.datasets import InvalidRecords, load_preference_datasets
+from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
-from template import get_template
 
 logger = logging.getLogger("medgpt.dpo")
 
@@ -51,6 +50,15 @@ VARIANTS = {
     "orpo": (ORPOConfigWithLossType, ORPOTrainer, {}),
     "simpo": (CPOConfig, CPOTrainer, {"cpo_alpha": 0.0}),  # SimPO = CPO's simpo loss without the BC term
 }
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer on pairs MedGPT has already tokenized (prompt_ids, chosen_ids, rejected_ids)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "chosen_ids" in dataset.column_names:
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
 
 def parse(argv: list[str]):
@@ -74,12 +82,17 @@ def main(argv: list[str] | None = None) -> dict:
     start_run(training_args, resolved)
 
     tokenizer = load_tokenizer(model_args)
-    template = get_template(model_args.template_name, tokenizer)
-    tokenizer.chat_template = template.jinja  # TRL renders the conversations with the stage's template
+    template = load_template(model_args, tokenizer)
 
+    # Pairs are tokenized here with the stage's template (tool calls and reasoning included): DPOTrainer takes the
+    # ids as they are; ORPO/SimPO's trainers tokenize the rendered text themselves.
     train_dataset, eval_dataset, data_counts = load_preference_datasets(
-        data_args, tokenizer, template, training_args.max_length, training_args.seed
+        data_args, tokenizer, template, training_args.max_length, training_args.seed,
+        invalid=InvalidRecords.from_args(data_args, training_args.output_dir),
+        kind="dpo" if trainer_class is DPOTrainer else "text",
     )
+    if trainer_class is DPOTrainer:
+        trainer_class = PretokenizedDPOTrainer
 
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
     extra = {}

@@ -15,6 +15,8 @@ Answers come from a language model: they can be wrong and are not medical advice
 
 from __future__ import annotations
 
+import re
+
 import threading
 from dataclasses import dataclass, field
 
@@ -32,6 +34,8 @@ EXAMPLES = [
     "请解释一下血常规里白细胞偏高可能意味着什么。",
 ]
 EMPTY_ANSWER = "(The model ended its turn without any text. Ask again or rephrase the question.)"
+
+REASONING_SHOWN = re.compile(r"^<details><summary>Reasoning</summary>.*?</details>\s*", re.S)
 
 
 @dataclass
@@ -106,7 +110,7 @@ def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
             yield history, ""
             return
         history = list(history or []) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        messages = [{"role": m["role"], "content": _text(m["content"])} for m in history[:-1]]
+        messages = [{"role": m["role"], "content": REASONING_SHOWN.sub("", _text(m["content"]))} for m in history[:-1]]
         if system_prompt.strip():
             messages = [{"role": "system", "content": system_prompt.strip()}] + messages
         settings = GenerationArguments(
@@ -115,12 +119,17 @@ def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
         )
         current = running[request.session_hash] = _Answer()
         try:
-            answer = ""
-            for piece in chat.stream(messages, settings, stop_event=current.stop):
+            answer, reasoning = "", ""
+            for kind, piece in chat.stream_parts(messages, settings, stop_event=current.stop):
                 if current.stopped_by_user:  # Stop or Clear: send nothing more
                     return
-                answer += piece
-                history[-1] = {"role": "assistant", "content": answer}
+                if kind == "reasoning":  # shown apart, above the answer, and not sent back as history
+                    reasoning += piece
+                else:
+                    answer += piece
+                shown = f"<details><summary>Reasoning</summary>\n\n{reasoning.strip()}\n\n</details>\n\n" \
+                    if reasoning.strip() else ""
+                history[-1] = {"role": "assistant", "content": shown + answer}
                 yield history, ""
             if not answer.strip() and not current.stopped_by_user:
                 history[-1] = {"role": "assistant", "content": EMPTY_ANSWER}

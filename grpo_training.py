@@ -32,13 +32,12 @@ import datasets
 from trl import GRPOConfig, GRPOTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import json_reader, load_train_validation, question_from_record
+from medgpt.datasets import InvalidRecords, json_reader, load_train_validation, question_from_record
 from medgpt.evaluation import score_questions
 from medgpt.generation import ChatModel
-from medgpt.modeling import check_reward_model, load_model, load_tokenizer
+from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer
 from medgpt.rewards import REWARD_FUNCTIONS
 from medgpt.training import resolve_resume, save_outputs, start_run
-from template import get_template
 
 logger = logging.getLogger("medgpt.grpo")
 
@@ -93,17 +92,18 @@ def main(argv: list[str] | None = None) -> dict:
     rewards, reward_tokenizers = build_rewards(script_args, training_args)
 
     tokenizer = load_tokenizer(model_args)
-    template = get_template(model_args.template_name, tokenizer)
+    template = load_template(model_args, tokenizer)
     tokenizer.chat_template = template.jinja  # TRL renders the prompts with the stage's template
 
+    invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
     train_items, eval_items = load_train_validation(
-        data_args, json_reader(question_from_record), "GRPO questions", training_args.seed
+        data_args, json_reader(question_from_record), "GRPO questions", training_args.seed, invalid=invalid
     )
     train_dataset = datasets.Dataset.from_list([item for _, item in train_items])
     eval_items = [item for _, item in eval_items]
 
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
-    metrics = {}
+    metrics = invalid.finish("GRPO questions")
     if eval_items:
         before = score_questions(ChatModel(model, tokenizer, template), eval_items, script_args.eval_batch_size,
                                  script_args.eval_max_new_tokens, desc="Held-out accuracy before")

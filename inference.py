@@ -61,7 +61,7 @@ def run_batch(chat: ChatModel, args: InferenceArguments, settings: GenerationArg
     answers = []
     for start in tqdm(range(0, len(items), args.batch_size), desc="Generating", unit="batch"):
         chunk = items[start : start + args.batch_size]
-        answers += chat.generate([item["messages"] for item in chunk], settings)
+        answers += chat.complete([item["messages"] for item in chunk], settings)
     write_answers(args.output_file, items, answers)
 
 
@@ -99,12 +99,15 @@ def run_batch_vllm(model_args: ModelArguments, args: InferenceArguments, setting
     write_answers(args.output_file, items, [output.outputs[0].text.strip() for output in outputs])
 
 
-def write_answers(path: str, items: list[dict], answers: list[str]) -> None:
+def write_answers(path: str, items: list[dict], answers: list) -> None:
+    """One JSON line per question: the answer (a string, or a Completion whose reasoning is written apart)."""
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as sink:
         for item, answer in zip(items, answers):
-            row = {"question": item["messages"][-1]["content"], "answer": answer}
+            row = {"question": item["messages"][-1]["content"], "answer": getattr(answer, "text", answer)}
+            if getattr(answer, "reasoning", None):
+                row["reasoning_content"] = answer.reasoning
             if "reference" in item:
                 row["reference"] = item["reference"]
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -131,8 +134,15 @@ def run_interactive(chat: ChatModel, settings: GenerationArguments) -> None:
             continue
         history.append({"role": "user", "content": question})
         print("Assistant: ", end="", flush=True)
-        answer = ""
-        for piece in chat.stream(history, settings):
+        answer, thinking = "", False
+        for kind, piece in chat.stream_parts(history, settings):
+            if kind == "reasoning":  # shown as it comes, kept out of the conversation
+                print(("(reasoning) " if not thinking else "") + piece, end="", flush=True)
+                thinking = True
+                continue
+            if thinking:
+                print("\n(answer) ", end="", flush=True)
+                thinking = False
             answer += piece
             print(piece, end="", flush=True)
         print("\n")

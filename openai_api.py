@@ -7,8 +7,11 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (with "stream": true for server-sent events
 in OpenAI's chunk format, ending with [DONE]), GET /health. Supported request fields: model,
-messages, max_tokens (or max_completion_tokens), temperature, top_p, stop, n (1 only), stream,
-stream_options.include_usage. With --api_key (or MEDGPT_API_KEY) every request needs
+messages (system/user/assistant with tool_calls/tool), max_tokens (or max_completion_tokens),
+temperature, top_p, stop, n (1 only), stream, stream_options.include_usage, tools and tool_choice
+(auto or none). An answer's reasoning (a <think> block) comes back as message.reasoning_content, and
+the tool calls it makes as message.tool_calls with finish_reason "tool_calls" (in streams too).
+With --api_key (or MEDGPT_API_KEY) every request needs
 "Authorization: Bearer <key>". Requests are answered one generation at a time (queued);
 a client that disconnects mid-stream stops its generation.
 
@@ -52,8 +55,12 @@ class ServerArguments:
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -71,6 +78,8 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -129,14 +138,15 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request):
         if body.n != 1:
             return error(400, "Only n=1 is supported.", param="n")
-        messages = [message.model_dump() for message in body.messages]
-        if messages[-1]["role"] != "user":
-            return error(400, "The last message must come from the user.", param="messages")
+        try:
+            messages, tools = request_conversation(body)
+        except ValueError as problem:
+            return error(400, f"Invalid request: {problem}", param=getattr(problem, "param", "messages"))
         max_tokens = body.max_completion_tokens or body.max_tokens or min(args.default_max_tokens, args.max_tokens_limit)
         if max_tokens > args.max_tokens_limit:
             return error(400, f"max_tokens is {max_tokens}; this server allows at most {args.max_tokens_limit}.",
                          param="max_tokens")
-        prompt_tokens = chat.count_tokens(chat.prompt(messages))
+        prompt_tokens = chat.count_tokens(chat.prompt(messages, tools=tools))
         if prompt_tokens > args.max_input_tokens:
             return error(400, f"The messages are {prompt_tokens} tokens; this server accepts at most "
                               f"{args.max_input_tokens}. Shorten the conversation.", param="messages",
@@ -149,13 +159,13 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 stream_chunks(chat, messages, settings, body.stop, request, completion_id, created, model_name,
-                              prompt_tokens, include_usage),
+                              prompt_tokens, include_usage, tools),
                 media_type="text/event-stream",
             )
-        result = (await run_in_threadpool(chat.complete, [messages], settings, body.stop))[0]
+        result = (await run_in_threadpool(chat.complete, [messages], settings, body.stop, tools))[0]
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+            "choices": [{"index": 0, "message": answer_message(result.text, result.reasoning, result.tool_calls),
                          "finish_reason": result.finish_reason}],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},
@@ -164,9 +174,52 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
     return app
 
 
+def request_conversation(body: ChatRequest) -> tuple[list[dict], list[dict] | None]:
+    """The request's messages in MedGPT's shapes (tool call arguments as objects) and the tools offered,
+    checked: turns in order, ending with the user or with tool results; calls name offered tools."""
+    from medgpt.datasets import check_turn_order
+    from medgpt.tool_calls import normalize_call, normalize_tools
+
+    tools = normalize_tools(body.tools) if body.tools else None
+    choice = body.tool_choice
+    if choice not in (None, "auto", "none"):
+        problem = ValueError("tool_choice: only 'auto' and 'none' are supported.")
+        problem.param = "tool_choice"
+        raise problem
+    if choice == "none":
+        tools = None
+    declared = [tool["function"]["name"] for tool in body.tools or []] if body.tools else None
+    messages = []
+    for index, message in enumerate(body.messages):
+        item = {"role": message.role, "content": message.content or ""}
+        if message.role == "assistant" and message.tool_calls:
+            item["tool_calls"] = [normalize_call(call, f"messages[{index}].tool_calls[{n}]", declared)
+                                  for n, call in enumerate(message.tool_calls)]
+        elif not item["content"].strip():
+            raise ValueError(f"messages[{index}] ({message.role}) has no content.")
+        messages.append(item)
+    check_turn_order(messages, last_role="user")
+    return messages, tools
+
+
+def answer_message(content: str, reasoning: str | None, calls: list[dict]) -> dict:
+    """An answer as OpenAI's assistant message: content, reasoning_content, tool_calls (arguments as JSON text)."""
+    message = {"role": "assistant", "content": content if content or not calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["function"]["name"],
+                          "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
+            for call in calls]
+    return message
+
+
 async def stream_chunks(chat, messages, settings, stop, request, completion_id, created, model_name,
-                        prompt_tokens, include_usage):
-    """Server-sent events: a role chunk, content chunks, a finish chunk, optional usage, [DONE]."""
+                        prompt_tokens, include_usage, tools=None):
+    """Server-sent events: a role chunk, reasoning and content chunks, a finish chunk, optional usage, [DONE].
+    With tools offered the answer is read whole before it is sent, so its tool calls can be taken out of it."""
 
     def chunk(delta: dict, finish_reason=None, **extra) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -177,13 +230,26 @@ async def stream_chunks(chat, messages, settings, stop, request, completion_id, 
     text = ""
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for piece in iterate_in_threadpool(chat.stream(messages, settings, stop, stop_event)):
+        raw = ""
+        async for kind, piece in iterate_in_threadpool(chat.stream_parts(messages, settings, stop, stop_event, tools)):
             if await request.is_disconnected():
                 return  # finally stops the generation
             text += piece
-            yield chunk({"content": piece})
+            raw += piece if kind == "content" else ""
+            if kind == "reasoning":
+                yield chunk({"reasoning_content": piece})
+            elif not tools:
+                yield chunk({"content": piece})
         completion_tokens = chat.count_tokens(text)
         finish = "length" if completion_tokens >= settings.max_new_tokens else "stop"
+        if tools:
+            parsed = chat.template.parse_response(raw, [tool["function"]["name"] for tool in tools])
+            if parsed["content"]:
+                yield chunk({"content": parsed["content"]})
+            if parsed["tool_calls"]:
+                calls = answer_message("", None, parsed["tool_calls"])["tool_calls"]
+                yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                finish = "tool_calls"
         yield chunk({}, finish)
         if include_usage:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -37,10 +37,9 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
-from medgpt.datasets import load_train_validation, qa_reader  # noqa: E402
-from medgpt.modeling import check_reward_model, load_model, load_tokenizer  # noqa: E402
+from medgpt.datasets import InvalidRecords, load_train_validation, qa_reader  # noqa: E402
+from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer  # noqa: E402
 from medgpt.training import save_outputs, start_run  # noqa: E402
-from template import get_template  # noqa: E402
 
 logger = logging.getLogger("medgpt.ppo")
 
@@ -103,7 +102,7 @@ def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name:
     """Prompt token ids rendered with the template's generation prompt; over-long prompts skipped and reported."""
     rows, skipped = [], []
     for source, item in records:
-        ids = tokenizer(template.render(item["messages"], add_generation_prompt=True),
+        ids = tokenizer(template.render(item["messages"], add_generation_prompt=True, tools=item.get("tools")),
                         add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
             skipped.append(source)
@@ -136,11 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
     start_run(training_args, resolved)
 
     tokenizer = load_tokenizer(model_args, padding_side="left")
-    template = get_template(model_args.template_name, tokenizer)
+    template = load_template(model_args, tokenizer)
 
+    invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
     train_records, eval_records = load_train_validation(
-        data_args, qa_reader, "PPO prompts", training_args.seed, extensions=(".jsonl", ".json", ".txt")
+        data_args, qa_reader, "PPO prompts", training_args.seed, extensions=(".jsonl", ".json", ".txt"),
+        invalid=invalid,
     )
+    invalid_counts = invalid.finish("PPO prompts")
     train_dataset, train_skipped = tokenize_prompts(
         train_records, tokenizer, template, script_args.max_prompt_length, "train")
     eval_dataset, eval_skipped = tokenize_prompts(
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
-    metrics = {
+    metrics = {**invalid_counts,
         "train_prompts": len(train_dataset), "train_prompts_skipped": train_skipped,
         "eval_prompts_skipped": eval_skipped, "steps": len(steps), "episodes": trainer.state.episode,
     }

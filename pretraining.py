@@ -24,14 +24,14 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
 from medgpt.datasets import (
+    InvalidRecords,
     build_pretraining_blocks,
     deduplicate_documents,
     load_train_validation,
     text_document_reader,
 )
-from medgpt.modeling import load_model, load_tokenizer
+from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
-from template import get_template
 
 logger = logging.getLogger("medgpt.pt")
 
@@ -57,12 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     start_run(training_args, resolved)
 
     tokenizer = load_tokenizer(model_args)
-    template = get_template(model_args.template_name, tokenizer)  # saved with the model for the next stages
+    template = load_template(model_args, tokenizer)  # saved with the model for the next stages
 
+    invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
     train_docs, eval_docs = load_train_validation(
         data_args, text_document_reader(pt_args.txt_paragraphs), "pretraining text", training_args.seed,
-        extensions=(".txt", ".jsonl", ".json"),
+        extensions=(".txt", ".jsonl", ".json"), invalid=invalid,
     )
+    invalid_counts = invalid.finish("pretraining text")
     train_docs, eval_docs, dedup_counts = deduplicate_documents(train_docs, eval_docs)
     train_dataset, train_counts = build_pretraining_blocks(
         train_docs, tokenizer, pt_args.block_size, data_args.preprocessing_num_workers, "train"
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     metrics.update(train_result.metrics)
     metrics.update(dedup_counts)
+    metrics.update(invalid_counts)
     metrics.update({f"train_{k}": v for k, v in train_counts.items()})
     metrics.update({f"eval_{k}": v for k, v in eval_counts.items()})
     if eval_dataset is not None:

@@ -24,10 +24,9 @@ import logging
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import load_preference_datasets
-from medgpt.modeling import load_model, load_tokenizer
+from medgpt.datasets import InvalidRecords, load_preference_datasets
+from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
-from template import get_template
 
 logger = logging.getLogger("medgpt.rm")
 
@@ -42,11 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     start_run(training_args, resolved)
 
     tokenizer = load_tokenizer(model_args)
-    template = get_template(model_args.template_name, tokenizer)
-    tokenizer.chat_template = template.jinja  # TRL renders the conversations with the stage's template
+    template = load_template(model_args, tokenizer)
 
+    # Pairs are tokenized here with the stage's template (tool calls and reasoning included); TRL takes the ids.
     train_dataset, eval_dataset, data_counts = load_preference_datasets(
-        data_args, tokenizer, template, training_args.max_length, training_args.seed
+        data_args, tokenizer, template, training_args.max_length, training_args.seed,
+        invalid=InvalidRecords.from_args(data_args, training_args.output_dir), kind="reward",
     )
 
     model = load_model(

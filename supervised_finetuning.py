@@ -1,7 +1,8 @@
 """Stage 2: supervised fine-tuning (SFT) of a chat model on instruction and multi-turn data.
 
-Reads ShareGPT, OpenAI-messages, Alpaca and question/answer records (.jsonl/.json), renders them
-with the chat template (the tokenizer's own unless --template_name is given), and trains with
+Reads ShareGPT, OpenAI-messages, Alpaca and question/answer records (.jsonl/.json), with reasoning
+traces and tool calls, renders them with the chat template (the tokenizer's own, or its training
+variant, unless --template_name is given), and trains with
 TRL's SFTTrainer. Loss is computed on assistant answers only, every answer of a multi-turn
 conversation, each including its end-of-turn token. Full, LoRA (default) and QLoRA
 (--load_in_4bit / --load_in_8bit) training; --packing packs conversations into rows with
@@ -21,11 +22,16 @@ import logging
 from trl import SFTConfig, SFTTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import build_sft_dataset, conversation_from_record, json_reader, load_train_validation
-from medgpt.modeling import load_model, load_tokenizer
+from medgpt.datasets import (
+    InvalidRecords,
+    build_sft_dataset,
+    conversation_from_record,
+    json_reader,
+    load_train_validation,
+)
+from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
-from template import get_template
 
 logger = logging.getLogger("medgpt.sft")
 
@@ -54,23 +60,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Tokenizer and template: the one template object renders training data and inference prompts.
     tokenizer = load_tokenizer(model_args)
-    template = get_template(model_args.template_name, tokenizer)
+    template = load_template(model_args, tokenizer)
 
-    # Data: every problem in every file is reported before anything is trained.
+    # Data: every problem in every file is reported before anything is trained (or set aside: --on_invalid_record).
+    invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
     train_records, eval_records = load_train_validation(
-        data_args, json_reader(conversation_from_record), "SFT data", training_args.seed
+        data_args, json_reader(conversation_from_record), "SFT data", training_args.seed, invalid=invalid
     )
     max_length = training_args.max_length
+    options = dict(num_proc=data_args.preprocessing_num_workers, invalid=invalid,
+                   train_on_reasoning=data_args.train_on_reasoning)
     train_dataset, train_counts = build_sft_dataset(
-        train_records, tokenizer, template, max_length, data_args.overlong_policy,
-        data_args.preprocessing_num_workers, "train",
+        train_records, tokenizer, template, max_length, data_args.overlong_policy, name="train", **options
     )
     eval_dataset, eval_counts = (None, {})
     if eval_records:
         eval_dataset, eval_counts = build_sft_dataset(
-            eval_records, tokenizer, template, max_length, data_args.overlong_policy,
-            data_args.preprocessing_num_workers, "validation",
+            eval_records, tokenizer, template, max_length, data_args.overlong_policy, name="validation", **options
         )
+    invalid_counts = invalid.finish("SFT data")
     packing = training_args.packing
     if packing:
         unpacked_rows = len(train_dataset)
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = dict(train_result.metrics)
     metrics.update({f"train_records_{k}": v for k, v in train_counts.items()})
     metrics.update({f"eval_records_{k}": v for k, v in eval_counts.items()})
+    metrics.update(invalid_counts)
     metrics["packing"] = packing
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer))

@@ -39,6 +39,9 @@ args+=(--override-generation-config "$("$PYTHON" -m medgpt.vllm_cli --sampling-d
 if [ -f "$TEMPLATE_DIR/chat_template.jinja" ]; then
   args+=(--chat-template "$TEMPLATE_DIR/chat_template.jinja")
 fi
+# tool calls and reasoning come back as OpenAI's tool_calls / reasoning_content, parsed as the model writes them
+read -r -a parsers <<< "$("$PYTHON" -m medgpt.vllm_cli --parsers "$TEMPLATE_DIR")"
+args+=("${parsers[@]}")
 if [ -n "$LORA" ]; then
   rank=$("$PYTHON" -m medgpt.vllm_cli --max-lora-rank "$LORA")
   args+=(--enable-lora --lora-modules "medgpt=$LORA" --max-lora-rank "$rank")

@@ -47,6 +47,19 @@ class ModelArguments:
         default=None,
         metadata={"help": "Chat template name (see `python template.py`). Default: the tokenizer's own chat template."},
     )
+    tool_format: str | None = field(
+        default=None,
+        metadata={"help": "How tool calls are written for a template without tool support of its own: default "
+                  "(Action / Action Input / Observation), qwen, llama3, mistral or glm4. Default: the template's own "
+                  "tool rendering where it has one, else default. Saved with the model."},
+    )
+    enable_thinking: bool | None = field(
+        default=None,
+        metadata={"help": "For templates with a thinking switch (Qwen3...): false renders the non-thinking form "
+                  "(answers without their reasoning), true the thinking form. Default: the template's own default; "
+                  "answers that carry no reasoning use the non-thinking form where the template has one. Saved "
+                  "with the model."},
+    )
     torch_dtype: str = field(
         default="auto",
         metadata={
@@ -143,8 +156,28 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
     )
+    train_on_reasoning: bool = field(
+        default=True,
+        metadata={"help": "Train on the reasoning an answer carries (reasoning_content or a leading <think> block). "
+                  "false keeps the reasoning in the input but out of the loss."},
+    )
+    on_invalid_record: str = field(
+        default="error",
+        metadata={"help": "A record that is not valid (bad JSON, unknown format, roles out of order, a template "
+                  "that cannot render it): error (stop and list every one with its file:line) or skip (drop it, "
+                  "count it, and write it with its file:line and reason to <output_dir>/invalid_records.jsonl)."},
+    )
+    max_invalid_fraction: float = field(
+        default=0.05,
+        metadata={"help": "With --on_invalid_record skip: stop anyway when more than this share of the records is "
+                  "invalid (something is wrong with the data, not with a few records)."},
+    )
 
     def __post_init__(self):
+        if self.on_invalid_record not in ("error", "skip"):
+            raise ValueError(f"--on_invalid_record must be error or skip, got '{self.on_invalid_record}'.")
+        if not 0 <= self.max_invalid_fraction <= 1:
+            raise ValueError("--max_invalid_fraction must be between 0 and 1.")
         if self.overlong_policy not in ("skip", "truncate"):
             raise ValueError(f"--overlong_policy must be skip or truncate, got '{self.overlong_policy}'.")
         if not 0 <= self.validation_split_percentage < 100:
@@ -224,11 +257,11 @@ def run_cli(main) -> None:
     """Run a script's ``main()`` so that problems in the user's data or choices end with their message
     (every problem with its file and line, or the flag), not a Python traceback."""
     from medgpt.datasets import DataError
-    from template import UnknownTemplateError
+    from template import TemplateError
 
     try:
         main(sys.argv[1:])
-    except (DataError, UnknownTemplateError) as error:
+    except (DataError, TemplateError) as error:
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
 
 

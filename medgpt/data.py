@@ -25,8 +25,11 @@ from typing import Callable
 
 from medgpt.args import ModelArguments, parse_args
 from medgpt.generation import GenerationArguments
+from template import inline_reasoning
 from medgpt.datasets import (
+    Conversation,
     DataError,
+    Problem,
     Record,
     check_turn_order,
     conversation_from_record,
@@ -42,7 +45,7 @@ JSON_EXTENSIONS = (".jsonl", ".json")
 PREFERENCE_KEYS = ("chosen", "rejected", "response_chosen", "response_rejected")
 # keys each input format consumes; any other key of a record is carried over unchanged by convert
 FORMAT_KEYS = {"conversations", "messages", "instruction", "input", "output", "system", "history", "question",
-               "answer", "问", "答", "prompt", *PREFERENCE_KEYS}
+               "answer", "问", "答", "prompt", "tools", *PREFERENCE_KEYS}
 
 
 # ---------------------------------------------------------------- reading any kind of record
@@ -114,7 +117,8 @@ def read_checked(paths: list[Path], kind: str) -> tuple[list[tuple[Record, str, 
             try:
                 checked.append((record, record_kind, CONVERTERS[record_kind](record.data)))
             except ValueError as error:
-                problems.append(f"{record.source}: {error} (read as {record_kind} data)")
+                problems.append(Problem(f"{record.source}: {error} (read as {record_kind} data)", record.source,
+                                        record.data))
     return checked, problems
 
 
@@ -147,9 +151,19 @@ class ValidateArguments:
                 "text, else SFT), sft, "
                 "preference, question (GRPO/evaluation questions with checkable answers) or text."})
 
+    on_invalid_record: str = field(default="error", metadata={
+        "help": "error: report every invalid record (exit status 1). skip: write the valid records to --output and "
+                "each invalid one, with its file:line and the reason, to OUTPUT.invalid_records.jsonl (exit status 0)."})
+    output: str | None = field(default=None, metadata={
+        "help": "With --on_invalid_record skip: the .jsonl file for the clean records (as they were written)."})
+
     def __post_init__(self):
         if self.kind not in ("auto", *CONVERTERS):
             raise ValueError(f"--kind {self.kind}: use auto, {', '.join(CONVERTERS)}.")
+        if self.on_invalid_record not in ("error", "skip"):
+            raise ValueError(f"--on_invalid_record {self.on_invalid_record}: use error or skip.")
+        if self.on_invalid_record == "skip" and not self.output:
+            raise ValueError("--on_invalid_record skip writes the clean records: give --output FILE.jsonl.")
 
 
 def validate(args: ValidateArguments) -> int:
@@ -158,6 +172,15 @@ def validate(args: ValidateArguments) -> int:
     per_file = Counter((record.source.rsplit(":", 1)[0].split("[")[0], kind) for record, kind, _ in checked)
     for (path, kind), count in sorted(per_file.items()):
         print(f"{path}: {count} {kind} records")
+    if args.on_invalid_record == "skip":
+        write_jsonl(args.output, [record.data for record, _, _ in checked])
+        rejected = Path(args.output).with_suffix(".invalid_records.jsonl")
+        write_jsonl(str(rejected), [{"source": p.source, "reason": str(p)[len(p.source) + 2:], "record": p.raw}
+                                    if getattr(p, "source", None) else {"source": None, "reason": str(p), "record": None}
+                                    for p in problems])
+        print(f"Wrote {len(checked)} valid records to {args.output} and {len(problems)} invalid ones, each with its "
+              f"file:line and reason, to {rejected}.")
+        return 0
     if problems:
         print(DataError(problems, what="data"), file=sys.stderr)
         return 1
@@ -170,18 +193,46 @@ def validate(args: ValidateArguments) -> int:
 TARGETS = ("sharegpt", "openai", "alpaca", "trl")
 
 
+def _plain_answer(message: dict, target: str) -> str:
+    """An assistant message as one text (its reasoning inline); formats without tool turns refuse calls."""
+    if message.get("tool_calls"):
+        raise ValueError(f"holds tool calls, which the {target} format cannot carry; convert to sharegpt or openai.")
+    if message.get("reasoning_content"):
+        return inline_reasoning(message["reasoning_content"], message["content"])
+    return message["content"]
+
+
+def _sharegpt_turns(messages: list[dict]) -> list[dict]:
+    turns = []
+    for message in messages:
+        role = message["role"]
+        if role == "tool":
+            turns.append({"from": "observation", "value": message["content"]})
+        elif role == "assistant":
+            if message["content"] or message.get("reasoning_content") or not message.get("tool_calls"):
+                turns.append({"from": "gpt", "value": _plain_answer({**message, "tool_calls": None}, "sharegpt")})
+            for call in message.get("tool_calls") or []:
+                turns.append({"from": "function_call", "value": json.dumps(call["function"], ensure_ascii=False)})
+        else:
+            turns.append({"from": {"system": "system", "user": "human"}[role], "value": message["content"]})
+    return turns
+
+
 def to_sft_format(messages: list[dict], target: str) -> dict:
-    """A conversation in one of the formats training reads."""
+    """A conversation in one of the formats training reads (its tools, if any, as a top-level 'tools')."""
+    tools = {"tools": messages.tools} if getattr(messages, "tools", None) else {}
     if target == "openai":
-        return {"messages": messages}
+        return {"messages": list(messages), **tools}
     if target == "sharegpt":
-        names = {"system": "system", "user": "human", "assistant": "gpt"}
-        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+        return {"conversations": _sharegpt_turns(messages), **tools}
     if target == "alpaca":
+        if tools or any(m["role"] == "tool" for m in messages):
+            raise ValueError("holds tool calls, which the alpaca format cannot carry; convert to sharegpt or openai.")
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
-        pairs = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 2, 2)]
-        row = {"instruction": turns[-2]["content"], "input": "", "output": turns[-1]["content"]}
+        text = [_plain_answer(m, target) if m["role"] == "assistant" else m["content"] for m in turns]
+        pairs = [[text[i], text[i + 1]] for i in range(0, len(turns) - 2, 2)]
+        row = {"instruction": text[-2], "input": "", "output": text[-1]}
         return {**({"system": system[0]} if system else {}), **({"history": pairs} if pairs else {}), **row}
     raise ValueError(f"'{target}' is a preference format; SFT conversations convert to sharegpt, openai or alpaca.")
 
@@ -189,14 +240,24 @@ def to_sft_format(messages: list[dict], target: str) -> dict:
 def to_preference_format(pair: dict, target: str) -> dict:
     """A preference pair in one of the formats the RM/DPO stages read."""
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    tools = {"tools": pair["tools"]} if pair.get("tools") else {}
     if target == "trl":
-        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}]}
+        return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected], **tools}
     if target == "alpaca":
+        if tools:
+            raise ValueError("declares tools, which the alpaca format cannot carry; convert to sharegpt or openai.")
         row = to_sft_format(prompt + [{"role": "assistant", "content": "-"}], "alpaca")
         row = {key: value for key, value in row.items() if key in ("system", "history")}
-        return {**row, "question": prompt[-1]["content"], "response_chosen": chosen, "response_rejected": rejected}
-    return {**to_sft_format(prompt, target), "chosen": chosen, "rejected": rejected}
+        return {**row, "question": prompt[-1]["content"], "response_chosen": _plain_answer(chosen, target),
+                "response_rejected": _plain_answer(rejected, target)}
+
+    def answer(message):
+        if not message.get("tool_calls"):
+            return _plain_answer(message, target)
+        return _sharegpt_turns([message])[-1] if target == "sharegpt" else [message]
+
+    prompt_format = to_sft_format(Conversation(prompt, pair.get("tools")), target)
+    return {**prompt_format, "chosen": answer(chosen), "rejected": answer(rejected)}
 
 
 @dataclass
@@ -250,10 +311,15 @@ def record_text(kind: str, converted) -> str:
     if kind == "text":
         return converted
     if kind == "preference":
-        return "\n".join([m["content"] for m in converted["prompt"]] + [converted["chosen"], converted["rejected"]])
+        return "\n".join(map(_message_text, [*converted["prompt"], converted["chosen"], converted["rejected"]]))
     if kind == "question":
         return "\n".join(m["content"] for m in converted["prompt"]) + "\n" + converted["answer"]
-    return "\n".join(m["content"] for m in converted)
+    return "\n".join(map(_message_text, converted))
+
+
+def _message_text(message: dict) -> str:
+    calls = [json.dumps(call["function"], ensure_ascii=False) for call in message.get("tool_calls") or []]
+    return "\n".join([message.get("reasoning_content") or "", message["content"], *calls]).strip()
 
 
 def normalize(text: str) -> str:

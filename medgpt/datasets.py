@@ -10,6 +10,11 @@ Conversation formats, detected per record:
 - OpenAI:   ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``
 - Alpaca:   ``{"instruction", "input"?, "output", "system"?, "history"?: [[question, answer], ...]}``
 - Q/A:      ``{"question", "answer"}`` (also ``{"问", "答"}``), with an optional ``system``
+
+Reasoning: an assistant turn's ``reasoning_content`` (also ``reasoning``/``thinking``), or a leading
+``<think>...</think>`` in its text. Tool calls: ShareGPT turns ``function_call`` (value: JSON
+``{"name", "arguments"}``) and ``observation`` (the tool's result); OpenAI assistant ``tool_calls`` and
+``{"role": "tool"}`` messages; the record's ``tools`` (a list of function schemas, or a JSON string of one).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from medgpt.tool_calls import normalize_call, normalize_tools
+
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_PROBLEMS = 100
@@ -32,14 +39,38 @@ _ROLE_NAMES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "function_call",  # ShareGPT: the assistant calls a tool
+    "observation": "tool",  # ShareGPT: the tool's result
+    "tool": "tool",
+    "function": "tool",  # OpenAI's older name of the tool role
 }
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+class Problem(str):
+    """One problem in the user's data ("file:line: what is wrong"), with where it is and the raw record,
+    so that --on_invalid_record skip can write the dropped record out."""
+
+    def __new__(cls, text: str, source: str | None = None, raw=None):
+        problem = super().__new__(cls, text)
+        problem.source, problem.raw = source, raw
+        return problem
+
+
+class Conversation(list):
+    """A conversation's messages, with the tools (function schemas) it may call (None: no tools)."""
+
+    def __init__(self, messages=(), tools: list | None = None):
+        super().__init__(messages)
+        self.tools = tools or None
 
 
 class DataError(ValueError):
     """Problems found in the user's data, all of them, one per line."""
 
-    def __init__(self, problems: Sequence[str], what: str = "data"):
+    def __init__(self, problems: Sequence[str], what: str = "data", kept: list | None = None):
         self.problems = list(problems)
+        self.kept = kept  # the good records, when every problem is one record's (--on_invalid_record skip)
         shown = self.problems[:MAX_REPORTED_PROBLEMS]
         more = len(self.problems) - len(shown)
         text = f"Found {len(self.problems)} problem(s) in the {what}; nothing was trained. Fix these and rerun:\n"
@@ -111,18 +142,18 @@ def read_json_records(paths: Iterable[Path], problems: list[str]) -> list[Record
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as error:
-                problems.append(
+                problems.append(Problem(
                     f"{where}: not UTF-8 text (byte 0x{line[error.start]:02x} at column {error.start + 1}). "
-                    "Re-save the file as UTF-8."
-                )
+                    "Re-save the file as UTF-8.", where, line.decode("utf-8", "replace")))
                 continue
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
-                problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno}).")
+                problems.append(Problem(f"{where}: not valid JSON ({error.msg} at column {error.colno}).", where, text))
                 continue
             if not isinstance(value, dict):
-                problems.append(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.")
+                problems.append(Problem(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.",
+                                        where, value))
                 continue
             records.append(Record(where, value))
     return records
@@ -146,7 +177,7 @@ def _read_json_array(path: Path, raw: bytes, problems: list[str]) -> list[Record
         if isinstance(value, dict):
             out.append(Record(where, value))
         else:
-            problems.append(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.")
+            problems.append(Problem(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.", where, value))
     return out
 
 
@@ -161,10 +192,13 @@ def _text(value, what: str) -> str:
     return value
 
 
-def _turns(items, key: str, role_key: str, content_key: str) -> list[dict]:
+def _turns(items, key: str, role_key: str, content_key: str, tools: list | None = None) -> list[dict]:
+    """A record's turns as messages; ShareGPT function_call/observation turns and OpenAI tool_calls/tool
+    messages become assistant tool calls and tool results; reasoning is read off assistant turns."""
     if not isinstance(items, list) or not items:
         raise ValueError(f"'{key}' must be a non-empty list of turns.")
-    messages = []
+    declared = [tool["function"]["name"] for tool in tools] if tools else []
+    messages: list[dict] = []
     for index, turn in enumerate(items):
         where = f"{key}[{index}]"
         if not isinstance(turn, dict):
@@ -173,26 +207,84 @@ def _turns(items, key: str, role_key: str, content_key: str) -> list[dict]:
         content = turn.get(content_key, turn.get("content", turn.get("value")))
         if role not in _ROLE_NAMES:
             raise ValueError(
-                f"{where} has unknown role {role!r}; use one of system, human or user, gpt or assistant."
+                f"{where} has unknown role {role!r}; use one of system, human or user, gpt or assistant, "
+                "function_call, observation or tool."
             )
-        messages.append({"role": _ROLE_NAMES[role], "content": _text(content, f"{where} text")})
+        role = _ROLE_NAMES[role]
+        if role == "function_call":
+            calls = content if isinstance(content, list) else [content]
+            calls = [normalize_call(call, f"{where} (function_call)", declared) for call in calls]
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "assistant" and not previous.get("tool_calls"):
+                previous["tool_calls"] = calls  # a gpt turn's text, then its call
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif role == "tool":
+            if isinstance(content, (dict, list)):
+                content = json.dumps(content, ensure_ascii=False)
+            message = {"role": "tool", "content": _text(content, f"{where} (tool result) text")}
+            if isinstance(turn.get("name"), str):
+                message["name"] = turn["name"]
+            messages.append(message)
+        elif role == "assistant":
+            messages.append(_assistant_message(turn, content, where, declared))
+        else:
+            messages.append({"role": role, "content": _text(content, f"{where} text")})
     return messages
 
 
-def record_to_messages(data: dict) -> list[dict]:
+def _assistant_message(turn: dict, content, where: str, declared: list[str]) -> dict:
+    """An assistant turn: its text, its reasoning (a field or a leading <think> block) and its tool calls."""
+    from template import split_reasoning
+
+    calls = turn.get("tool_calls") if isinstance(turn, dict) else None
+    if calls is not None and not isinstance(calls, list):
+        raise ValueError(f"{where}: 'tool_calls' must be a list of calls.")
+    calls = [normalize_call(call, f"{where}.tool_calls[{i}]", declared) for i, call in enumerate(calls or [])]
+    reasoning = next((turn[k] for k in REASONING_KEYS if isinstance(turn, dict) and turn.get(k) is not None), None)
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ValueError(f"{where}: the reasoning must be a string.")
+    if calls and content in (None, ""):
+        content = ""
+    else:
+        content = _text(content, f"{where} text")
+    if reasoning is None:
+        found, answer = split_reasoning(content)
+        if found is not None:
+            reasoning, content = found, answer
+    if not content.strip() and not calls:
+        raise ValueError(f"{where} has reasoning but no answer after it.")
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None and reasoning.strip():
+        message["reasoning_content"] = reasoning.strip()
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def record_tools(data: dict) -> list[dict] | None:
+    """The record's ``tools`` (function schemas), or None when it has none."""
+    value = data.get("tools")
+    if value is None or value == "" or value == []:
+        return None
+    return normalize_tools(value)
+
+
+def record_to_messages(data: dict) -> Conversation:
     """Convert one record of any supported format to OpenAI-style messages (not yet order-checked)."""
     formats = [key for key in ("conversations", "messages", "instruction") if key in data]
     if len(formats) > 1:
         raise ValueError(f"has both {' and '.join(map(repr, formats))}; one record holds one format.")
     if "conversations" in data or "messages" in data:
-        turns = (_turns(data["conversations"], "conversations", "from", "value") if "conversations" in data
-                 else _turns(data["messages"], "messages", "role", "content"))
+        tools = record_tools(data)
+        turns = (_turns(data["conversations"], "conversations", "from", "value", tools) if "conversations" in data
+                 else _turns(data["messages"], "messages", "role", "content", tools))
         system = _system(data)  # a top-level system prompt (LLaMA-Factory's ShareGPT layout)
         if system and turns and turns[0]["role"] == "system":
             raise ValueError("has a top-level 'system' and a system turn; keep one of them.")
-        return system + turns
+        return Conversation(system + turns, tools)
     if "instruction" in data or "output" in data:
-        return _alpaca_messages(data)
+        return Conversation(_alpaca_messages(data))
     question_key = next((k for k in ("question", "问") if k in data), None)
     answer_key = next((k for k in ("answer", "答") if k in data), None)
     if question_key or answer_key:
@@ -202,9 +294,9 @@ def record_to_messages(data: dict) -> list[dict]:
         messages = _system(data) + _history(data)
         messages += [
             {"role": "user", "content": _text(data[question_key], f"'{question_key}'")},
-            {"role": "assistant", "content": _text(data[answer_key], f"'{answer_key}'")},
+            _assistant_message({}, data[answer_key], f"'{answer_key}'", []),
         ]
-        return messages
+        return Conversation(messages)
     raise ValueError(
         "matches no known format. Expected 'conversations' (ShareGPT), 'messages' (OpenAI), "
         "'instruction' + 'output' (Alpaca) or 'question' + 'answer'; found keys: "
@@ -245,45 +337,78 @@ def _alpaca_messages(data: dict) -> list[dict]:
     if extra.strip():
         prompt = f"{prompt}\n{extra}"
     messages.append({"role": "user", "content": prompt})
-    messages.append({"role": "assistant", "content": _text(data["output"], "'output'")})
+    messages.append(_assistant_message({}, data["output"], "'output'", []))
     return messages
 
 
 def check_turn_order(messages: Sequence[dict], last_role: str = "assistant") -> None:
-    """A system message only first, then user/assistant alternating from user, ending with ``last_role``."""
+    """A system message only first, then user and assistant turns alternating from user. An assistant turn
+    that calls tools is followed by one tool result per call, then the assistant continues. The conversation
+    ends with ``last_role`` ("user" for a prompt, where ending on tool results is also a prompt)."""
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not turns:
         raise ValueError("has no user or assistant turns.")
+    expected, pending = "user", 0
     for index, message in enumerate(turns):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            previous = turns[index - 1]["role"] if index else "the start"
+        role = message["role"]
+        previous = turns[index - 1]["role"] if index else "the start"
+        if pending:
+            if role != "tool":
+                raise ValueError(f"turn {index + 1}: a tool call needs its result (an observation/tool turn) next, "
+                                 f"got {role}. Add the tool's result after each call.")
+            pending -= 1
+            expected = "tool" if pending else "assistant"
+            continue
+        if role != expected:
+            want = "a tool result" if expected == "tool" else expected
             raise ValueError(
-                f"roles out of order at turn {index + 1}: expected {expected} after {previous}, got "
-                f"{message['role']}. Turns must alternate user, assistant, user, ... (a system turn only first)."
+                f"roles out of order at turn {index + 1}: expected {want} after {previous}, got "
+                f"{role}. Turns must alternate user, assistant, user, ... (a system turn only first; a tool "
+                "result only right after the call)."
             )
-    if turns[-1]["role"] != last_role:
-        if last_role == "assistant":
+        if role == "assistant" and message.get("tool_calls"):
+            pending = len(message["tool_calls"])
+            expected = "tool"
+        else:
+            expected = "assistant" if role == "user" else "user"
+    last = turns[-1]
+    if last_role == "assistant":  # it may end on a call (training to call), not on a result
+        if last["role"] == "tool":
+            raise ValueError("the conversation ends with a tool result, not with the assistant's answer; add the "
+                             "answer or drop the last turns.")
+        if last["role"] != "assistant":
             raise ValueError("the conversation has no assistant reply at the end; add the answer or drop the last question.")
+    elif last["role"] not in (last_role, "tool") or pending:
         raise ValueError(f"the prompt must end with a {last_role} turn.")
 
 
-def _answer(value, what: str) -> str:
-    """A preference answer: a string, or TRL's conversational form [{"role": "assistant", "content": ...}]."""
+def _answer(value, what: str, declared: list[str]) -> dict:
+    """A preference answer as an assistant message: a string; TRL's [{"role": "assistant", ...}]; one ShareGPT
+    turn {"from": "gpt"|"function_call", "value": ...}; or one OpenAI assistant message (with tool_calls)."""
     if isinstance(value, list):
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
             raise ValueError(f"'{what}' as a list must hold one {{\"role\": \"assistant\", \"content\": ...}} message.")
-        value = value[0].get("content")
-    return _text(value, f"'{what}'")
+        value = value[0]
+    if isinstance(value, dict):
+        role = value.get("role", value.get("from"))
+        if role == "function_call":
+            return _turns([value], what, "from", "value", [{"function": {"name": n}} for n in declared] or None)[0]
+        if role not in ("assistant", "gpt"):
+            raise ValueError(f"'{what}' must be the assistant's turn (gpt, assistant or function_call), got {role!r}.")
+        return _assistant_message(value, value.get("content", value.get("value")), f"'{what}'", declared)
+    return _assistant_message({}, value, f"'{what}'", declared)
 
 
 def preference_from_record(data: dict) -> dict:
-    """One preference pair as ``{"prompt": messages ending with a user turn, "chosen": str, "rejected": str}``.
+    """One preference pair as ``{"prompt": messages ending with a user (or tool) turn, "chosen": assistant message,
+    "rejected": assistant message}``, plus ``"tools"`` when the record declares tools.
 
     Formats: ``conversations``/``messages`` (the prompt turns) + ``chosen`` + ``rejected``;
     ``system`` + ``history`` + ``question`` + ``response_chosen`` + ``response_rejected``;
-    TRL-style ``prompt`` + ``chosen`` + ``rejected`` (strings or message lists).
+    TRL-style ``prompt`` + ``chosen`` + ``rejected`` (strings or message lists). An answer may be a tool call.
     """
+    tools = record_tools(data)
+    declared = [tool["function"]["name"] for tool in tools] if tools else []
     if "response_chosen" in data or "response_rejected" in data:
         missing = [k for k in ("question", "response_chosen", "response_rejected") if k not in data]
         if missing:
@@ -297,15 +422,19 @@ def preference_from_record(data: dict) -> dict:
         if missing:
             raise ValueError(f"has no {missing[0]!r} answer.")
         if "conversations" in data:
-            prompt = _turns(data["conversations"], "conversations", "from", "value")
+            prompt = _turns(data["conversations"], "conversations", "from", "value", tools)
         elif "messages" in data:
-            prompt = _turns(data["messages"], "messages", "role", "content")
+            prompt = _turns(data["messages"], "messages", "role", "content", tools)
         elif "prompt" in data:
             value = data["prompt"]
-            prompt = _turns(value, "prompt", "role", "content") if isinstance(value, list) else \
+            prompt = _turns(value, "prompt", "role", "content", tools) if isinstance(value, list) else \
                 [{"role": "user", "content": _text(value, "'prompt'")}]
         else:
             raise ValueError("has chosen/rejected but no prompt: add 'conversations', 'messages' or 'prompt'.")
+        system = _system(data)
+        if system and prompt and prompt[0]["role"] == "system":
+            raise ValueError("has a top-level 'system' and a system turn; keep one of them.")
+        prompt = system + prompt
         chosen, rejected, names = data["chosen"], data["rejected"], ("chosen", "rejected")
     else:
         raise ValueError(
@@ -314,58 +443,104 @@ def preference_from_record(data: dict) -> dict:
             f"{', '.join(map(repr, data)) or 'none'}."
         )
     check_turn_order(prompt, last_role="user")
-    return {"prompt": prompt, "chosen": _answer(chosen, names[0]), "rejected": _answer(rejected, names[1])}
+    pair = {"prompt": prompt, "chosen": _answer(chosen, names[0], declared),
+            "rejected": _answer(rejected, names[1], declared)}
+    return {**pair, "tools": tools} if tools else pair
 
 
-def build_preference_dataset(records, tokenizer, template, max_length: int | None, name: str = "train"):
-    """Preference pairs as TRL's conversational prompt/chosen/rejected columns, with the skips reported.
+def _same_answer(a: dict, b: dict) -> bool:
+    return (a["content"].strip() == b["content"].strip() and a.get("tool_calls") == b.get("tool_calls")
+            and (a.get("reasoning_content") or "") == (b.get("reasoning_content") or ""))
+
+
+def tokenize_pair(template, tokenizer, pair: dict) -> dict:
+    """A preference pair as token ids: the prompt (rendered with its generation prompt), and each answer
+    through its end-of-turn marker, located by the template as SFT locates answers; also as text."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        text, spans = template.answer_spans(pair["prompt"] + [pair[key]], pair.get("tools"))
+        start, end, _ = spans[-1]
+        encoding = tokenizer(text[:end], add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoding["input_ids"])
+        split = next((i for i, (first, _) in enumerate(encoding["offset_mapping"]) if first >= start), len(ids))
+        out.setdefault("prompt_ids", ids[:split])
+        out.setdefault("prompt", text[:start])
+        out[f"{key}_ids"], out[key] = ids[split:], text[start:end]
+    return out
+
+
+def build_preference_dataset(records, tokenizer, template, max_length: int | None, name: str = "train",
+                             invalid: "InvalidRecords | None" = None, num_proc: int | None = None, kind: str = "dpo"):
+    """Preference pairs tokenized by the stage's template. ``kind``: ``dpo`` gives ``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids`` (the answers' own tokens, as DPOTrainer takes them); ``reward`` gives whole sequences
+    ``chosen_ids``/``rejected_ids`` (RewardTrainer); ``text`` the rendered ``prompt``/``chosen``/``rejected``
+    strings (for trainers that tokenize text themselves). Skips are reported and counted.
 
     Pairs whose answers are identical teach nothing and pairs longer than ``max_length`` tokens
     would be silently dropped or cut by TRL; both are skipped here, counted and logged by source.
+    Pairs the template cannot render are invalid records (see InvalidRecords).
     """
     import datasets
 
-    kept, identical, too_long = [], [], []
-    for source, pair in records:
-        if pair["chosen"].strip() == pair["rejected"].strip():
-            identical.append(source)
-            continue
-        if max_length is not None:
-            longest = max(
-                len(tokenizer(template.render(pair["prompt"] + [{"role": "assistant", "content": pair[key]}]),
-                              add_special_tokens=False)["input_ids"])
-                for key in ("chosen", "rejected")
-            )
-            if longest > max_length:
-                too_long.append(source)
-                continue
-        kept.append({
-            "prompt": pair["prompt"],
-            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
-        })
+    invalid = invalid or InvalidRecords()
+    identical = [source for source, pair in records if _same_answer(pair["chosen"], pair["rejected"])]
+    usable = [(source, pair) for source, pair in records if source not in set(identical)]
+
+    def tokenize(example):
+        try:
+            tokens = tokenize_pair(template, tokenizer, json.loads(example["pair"]))
+        except ValueError as error:
+            return {"problem": str(error), "prompt_ids": [], "chosen_ids": [], "rejected_ids": [],
+                    "prompt": "", "chosen": "", "rejected": ""}
+        return {"problem": "", **tokens}
+
+    raw = datasets.Dataset.from_dict({"source": [s for s, _ in usable],
+                                      "pair": [json.dumps(p, ensure_ascii=False) for _, p in usable]})
+    tokenized = raw.map(tokenize, num_proc=num_proc, desc=f"Tokenizing {name} preference pairs")
+    for source, problem, pair in zip(tokenized["source"], tokenized["problem"], tokenized["pair"]):
+        if problem:
+            invalid.add(Problem(f"{source}: {problem}", source, json.loads(pair)))
+    bad = {source for source, problem in zip(tokenized["source"], tokenized["problem"]) if problem}
+    lengths = [max(len(p) + len(c), len(p) + len(r)) for p, c, r in
+               zip(tokenized["prompt_ids"], tokenized["chosen_ids"], tokenized["rejected_ids"])]
+    too_long = [source for source, length in zip(tokenized["source"], lengths)
+                if max_length is not None and source not in bad and length > max_length]
     for sources, why in ((identical, "chosen and rejected are identical"),
                          (too_long, f"longer than max_length={max_length} tokens (raise --max_length)")):
         if sources:
             logger.warning("%s: skipped %d pair(s), %s: %s%s", name, len(sources), why, ", ".join(sources[:10]),
                            " ..." if len(sources) > 10 else "")
-    if not kept:
+    drop = bad | set(too_long)
+    kept = tokenized.filter(lambda example: example["source"] not in drop, desc=f"Dropping skipped {name} pairs")
+    if len(kept) == 0:
+        invalid.raise_now()
         raise DataError([f"no usable {name} preference pairs remain after skipping the ones above"], what=f"{name} data")
+    if kind == "reward":
+        kept = kept.map(lambda x: {"chosen_ids": x["prompt_ids"] + x["chosen_ids"],
+                                   "rejected_ids": x["prompt_ids"] + x["rejected_ids"]}, desc="Joining prompts")
+    columns = {"text": ["prompt", "chosen", "rejected"], "reward": ["chosen_ids", "rejected_ids"]}.get(
+        kind, ["prompt_ids", "chosen_ids", "rejected_ids"])
+    kept = kept.select_columns(columns)
     counts = {"kept": len(kept), "skipped_identical": len(identical), "skipped_too_long": len(too_long)}
-    return datasets.Dataset.from_list(kept), counts
+    return kept, counts
 
 
-def load_preference_datasets(data_args, tokenizer, template, max_length: int | None, seed: int):
+def load_preference_datasets(data_args, tokenizer, template, max_length: int | None, seed: int,
+                             invalid: "InvalidRecords | None" = None, kind: str = "dpo"):
     """Training and validation preference datasets for RM and DPO, with their skip counts
     (``train_pairs_*``, ``eval_pairs_*``). The validation dataset is None when there is none."""
+    invalid = invalid or InvalidRecords()
     train_records, eval_records = load_train_validation(data_args, json_reader(preference_from_record),
-                                                        "preference data", seed)
-    train, counts = build_preference_dataset(train_records, tokenizer, template, max_length, "train")
+                                                        "preference data", seed, invalid=invalid)
+    kwargs = dict(invalid=invalid, num_proc=data_args.preprocessing_num_workers, kind=kind)
+    train, counts = build_preference_dataset(train_records, tokenizer, template, max_length, "train", **kwargs)
     metrics = {f"train_pairs_{key}": value for key, value in counts.items()}
     validation = None
     if eval_records:
-        validation, counts = build_preference_dataset(eval_records, tokenizer, template, max_length, "validation")
+        validation, counts = build_preference_dataset(eval_records, tokenizer, template, max_length, "validation",
+                                                      **kwargs)
         metrics.update({f"eval_pairs_{key}": value for key, value in counts.items()})
+    metrics.update(invalid.finish("preference data"))
     return train, validation, metrics
 
 
@@ -378,9 +553,9 @@ def load_records(paths: Sequence[Path], convert: Callable[[dict], object]) -> li
         try:
             converted.append((record.source, convert(record.data)))
         except ValueError as error:
-            problems.append(f"{record.source}: {error}")
+            problems.append(Problem(f"{record.source}: {error}", record.source, record.data))
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, kept=converted)
     return converted
 
 
@@ -402,11 +577,12 @@ def text_document_reader(paragraphs: bool = False) -> Callable[[Sequence[Path]],
                     try:
                         documents.append((record.source, _text(record.data.get("text"), "'text'")))
                     except ValueError as error:
-                        problems.append(f"{record.source}: {error} Each record needs a non-empty 'text' string.")
+                        problems.append(Problem(f"{record.source}: {error} Each record needs a non-empty 'text' "
+                                                "string.", record.source, record.data))
                 continue
             documents += _text_documents([path], paragraphs, problems)
         if problems:
-            raise DataError(problems)
+            raise DataError(problems, kept=documents)
         return documents
 
     return read
@@ -418,8 +594,9 @@ def _read_text_file(path: Path, paragraphs: bool, problems: list[str]) -> list[t
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError as error:
-            problems.append(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                            f"{error.start + 1}). Re-save the file as UTF-8.")
+            problems.append(Problem(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                    f"{error.start + 1}). Re-save the file as UTF-8.", f"{path}:{number}",
+                                    raw.decode("utf-8", "replace")))
             continue
         if not paragraphs:
             if line:
@@ -435,7 +612,8 @@ def _read_text_file(path: Path, paragraphs: bool, problems: list[str]) -> list[t
     return documents
 
 
-def conversation_from_record(data: dict) -> list[dict]:
+def conversation_from_record(data: dict) -> Conversation:
+    """An SFT conversation (messages with .tools), checked: turns in order, ending with the assistant."""
     messages = record_to_messages(data)
     check_turn_order(messages, "assistant")
     return messages
@@ -455,7 +633,8 @@ def split_train_validation(items: list, percentage: float, seed: int) -> tuple[l
 # ---------------------------------------------------------------- SFT tokenization
 
 
-def tokenize_for_sft(template, tokenizer, messages: list[dict], max_length: int, overlong_policy: str) -> dict:
+def tokenize_for_sft(template, tokenizer, messages: list[dict], max_length: int, overlong_policy: str,
+                     tools: list | None = None, train_on_reasoning: bool = True) -> dict:
     """input_ids/labels for one conversation, cut at turn boundaries to ``max_length``.
 
     ``status`` says what happened: kept, cut (later turns dropped so every trained answer keeps its
@@ -463,7 +642,7 @@ def tokenize_for_sft(template, tokenizer, messages: list[dict], max_length: int,
     """
     from template import encode_conversation
 
-    input_ids, labels, turn_ends = encode_conversation(template, tokenizer, messages)
+    input_ids, labels, turn_ends = encode_conversation(template, tokenizer, messages, tools, train_on_reasoning)
     status = "kept"
     if len(input_ids) > max_length:
         fitting = [end for end in turn_ends if end <= max_length]
@@ -484,21 +663,38 @@ def build_sft_dataset(
     overlong_policy: str,
     num_proc: int | None = None,
     name: str = "train",
+    invalid: InvalidRecords | None = None,
+    train_on_reasoning: bool = True,
 ):
-    """Tokenize conversations into a datasets.Dataset (input_ids, labels) and report what was cut."""
+    """Tokenize conversations into a datasets.Dataset (input_ids, labels) and report what was cut.
+
+    A conversation the template cannot render is an invalid record (see InvalidRecords)."""
     import datasets
 
-    sources = [source for source, _ in conversations]
-    raw = datasets.Dataset.from_dict({"messages": [m for _, m in conversations]})
-    tokenized = raw.map(
-        lambda example: tokenize_for_sft(template, tokenizer, example["messages"], max_length, overlong_policy),
-        remove_columns=["messages"],
-        num_proc=num_proc,
-        desc=f"Tokenizing {name} conversations",
-    )
+    invalid = invalid or InvalidRecords()
+
+    def tokenize(example):
+        conversation = json.loads(example["conversation"])
+        try:
+            return {"problem": "", **tokenize_for_sft(template, tokenizer, conversation["messages"], max_length,
+                                                      overlong_policy, conversation["tools"], train_on_reasoning)}
+        except ValueError as error:
+            return {"problem": str(error), "input_ids": [], "labels": [], "status": "invalid"}
+
+    raw = datasets.Dataset.from_dict({
+        "source": [source for source, _ in conversations],
+        "conversation": [json.dumps({"messages": list(m), "tools": getattr(m, "tools", None)}, ensure_ascii=False)
+                         for _, m in conversations],
+    })
+    tokenized = raw.map(tokenize, remove_columns=["conversation"], num_proc=num_proc,
+                        desc=f"Tokenizing {name} conversations")
     statuses = tokenized["status"]
-    counts = {status: statuses.count(status) for status in ("kept", "cut", "truncated", "skipped")}
-    skipped_sources = [source for source, status in zip(sources, statuses) if status == "skipped"]
+    for source, status, problem, (_, messages) in zip(tokenized["source"], statuses, tokenized["problem"], conversations):
+        if status == "invalid":
+            invalid.add(Problem(f"{source}: {problem}", source, {"messages": list(messages),
+                                                                 "tools": getattr(messages, "tools", None)}))
+    counts = {status: statuses.count(status) for status in ("kept", "cut", "truncated", "skipped", "invalid")}
+    skipped_sources = [source for source, status in zip(tokenized["source"], statuses) if status == "skipped"]
     if counts["cut"]:
         logger.warning(
             "%s: %d conversation(s) longer than max_length=%d were cut after their last whole assistant turn.",
@@ -517,23 +713,99 @@ def build_sft_dataset(
             name, len(skipped_sources), max_length, ", ".join(skipped_sources[:10]),
             " ..." if len(skipped_sources) > 10 else "",
         )
-    kept = tokenized.filter(lambda example: example["status"] != "skipped", desc=f"Dropping skipped {name} records")
+    invalid.raise_now()
+    kept = tokenized.filter(lambda example: example["status"] not in ("skipped", "invalid"),
+                            desc=f"Dropping skipped {name} records")
     if len(kept) == 0:
         raise DataError(
-            [f"every {name} conversation is longer than --max_length {max_length} in its first exchange"],
+            [f"no {name} conversation is usable: each is invalid or longer than --max_length {max_length} in its "
+             "first exchange"],
             what=f"{name} data",
         )
-    return kept.remove_columns(["status"]), counts
+    return kept.remove_columns(["status", "problem", "source"]), counts
+
+
+INVALID_RECORDS_FILE = "invalid_records.jsonl"
+
+
+class InvalidRecords:
+    """--on_invalid_record: ``error`` stops at any invalid record (every one listed with its file and line);
+    ``skip`` sets them aside, writes each with its file:line and the reason to ``invalid_records.jsonl`` in
+    the output folder, and stops only when more than ``max_fraction`` of the records are invalid."""
+
+    def __init__(self, policy: str = "error", max_fraction: float = 0.05, output_dir: str | None = None):
+        self.policy, self.max_fraction, self.output_dir = policy, max_fraction, output_dir
+        self.dropped: list[Problem] = []
+        self.total = 0  # records read, valid or not
+
+    @classmethod
+    def from_args(cls, data_args, output_dir: str | None) -> "InvalidRecords":
+        return cls(data_args.on_invalid_record, data_args.max_invalid_fraction, output_dir)
+
+    def read(self, read: Callable[[Sequence[Path]], list], paths: Sequence[Path]) -> list:
+        """``read(paths)``; under ``skip`` a DataError whose problems are all single records gives the good
+        ones, and the problems are set aside."""
+        try:
+            records = read(paths)
+        except DataError as error:
+            single = error.kept is not None and all(getattr(p, "source", None) for p in error.problems)
+            if self.policy != "skip" or not single:
+                raise
+            self.dropped += error.problems
+            self.total += len(error.kept) + len(error.problems)
+            return error.kept
+        self.total += len(records)
+        return records
+
+    def add(self, problem: Problem) -> None:
+        """A record found invalid after reading (e.g. its template cannot render it)."""
+        self.dropped.append(problem)
+
+    def raise_now(self) -> None:
+        if self.dropped and self.policy != "skip":
+            raise DataError(self.dropped)
+
+    def finish(self, what: str) -> dict:
+        """Stop (error policy, or too many invalid), else write the dropped records; metrics to report."""
+        self.raise_now()
+        count = len(self.dropped)
+        if not count:
+            return {"invalid_records": 0}
+        self.dropped.sort(key=_source_order)
+        path = Path(self.output_dir or ".", INVALID_RECORDS_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as sink:
+            for problem in self.dropped:
+                reason = str(problem)[len(problem.source) + 2:] if str(problem).startswith(problem.source) else str(problem)
+                sink.write(json.dumps({"source": problem.source, "reason": reason, "record": problem.raw},
+                                      ensure_ascii=False, default=str) + "\n")
+        fraction = count / max(self.total, 1)
+        if fraction > self.max_fraction:
+            raise DataError([f"{count} of {self.total} records ({fraction:.1%}) are invalid, more than "
+                             f"--max_invalid_fraction {self.max_fraction}; each is listed with its file:line and "
+                             f"reason in {path}. Fix the data, or raise --max_invalid_fraction."], what=what)
+        logger.warning("%s: skipped %d invalid record(s) of %d (--on_invalid_record skip); each is in %s with its "
+                       "file:line and reason. First: %s", what, count, self.total, path, self.dropped[0])
+        return {"invalid_records": count}
+
+
+def _source_order(problem: Problem):
+    """File, then line (or array index), as numbers: the order of the records in the user's files."""
+    match = re.fullmatch(r"(.*?)(?::(\d+)|\[(\d+)\])", problem.source)
+    return (match.group(1), int(match.group(2) or match.group(3))) if match else (problem.source, 0)
 
 
 def load_train_validation(data_args, read: Callable[[Sequence[Path]], list], what: str, seed: int,
-                          extensions: Sequence[str] = (".jsonl", ".json")):
+                          extensions: Sequence[str] = (".jsonl", ".json"), invalid: InvalidRecords | None = None):
     """Training and validation records per the data arguments, every problem of both reported at once.
 
     With no validation files, ``--validation_split_percentage`` of the training records is held out.
     ``read`` turns file paths into ``(source, item)`` pairs (see json_reader, text_document_reader).
+    Invalid records stop the run unless ``invalid`` (an InvalidRecords with policy skip) sets them aside;
+    the caller then calls ``invalid.finish()`` once its own checks are done.
     Returns ``(train, validation)`` lists of ``(source, item)``.
     """
+    invalid = invalid or InvalidRecords()
     problems: list[str] = []
     splits = {}
     for flag, directory, files in (
@@ -548,7 +820,7 @@ def load_train_validation(data_args, read: Callable[[Sequence[Path]], list], wha
             continue
         try:
             paths = find_data_files(directory, files, extensions, flag)
-            splits[flag] = read(paths)
+            splits[flag] = invalid.read(read, paths)
         except DataError as error:
             problems += error.problems
     if problems:
@@ -675,7 +947,8 @@ def qa_item_from_record(data: dict) -> dict:
     """
     if any(key in data for key in ("chosen", "rejected", "response_chosen", "response_rejected")):
         pair = preference_from_record(data)
-        return {"messages": pair["prompt"], "reference": pair["chosen"]}
+        tools = {"tools": pair["tools"]} if pair.get("tools") else {}
+        return {"messages": pair["prompt"], "reference": pair["chosen"]["content"], **tools}
     item = {}
     if "prompt" in data:
         value = data["prompt"]
@@ -685,6 +958,8 @@ def qa_item_from_record(data: dict) -> dict:
         messages = _system(data) + [{"role": "user", "content": _text(data["question"], "'question'")}]
     else:
         messages = record_to_messages(data)
+        if messages.tools:
+            item["tools"] = messages.tools
         if messages[-1]["role"] == "assistant":
             item["reference"] = messages[-1]["content"]
             messages = messages[:-1]
@@ -701,8 +976,9 @@ def qa_reader(paths: Sequence[Path]) -> list[tuple[str, dict]]:
         items += load_records([p for p in paths if p.suffix.lower() != ".txt"], qa_item_from_record)
     except DataError as error:
         problems += error.problems
+        items += error.kept or []
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, kept=items)
     return items
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from medgpt.datasets import tokenize_pair
 from medgpt.generation import ChatModel, GenerationArguments
 from medgpt.rewards import extract_choice, open_answer_score
 
@@ -126,9 +127,9 @@ def reward_accuracy(model, tokenizer, template, pairs: Sequence[dict], batch_siz
     margins = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="Reward pairs", unit="batch"):
         chunk = pairs[start : start + batch_size]
-        texts = [template.render(p["prompt"] + [{"role": "assistant", "content": p[key]}])
-                 for p in chunk for key in ("chosen", "rejected")]
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        pairs_ids = [tokenize_pair(template, tokenizer, pair) for pair in chunk]  # as reward_modeling.py trains
+        rows = [{"input_ids": ids["prompt_ids"] + ids[key]} for ids in pairs_ids for key in ("chosen_ids", "rejected_ids")]
+        batch = tokenizer.pad(rows, padding=True, return_tensors="pt").to(device)
         scores = model(**batch).logits[:, 0].float().view(-1, 2)
         margins += (scores[:, 0] - scores[:, 1]).tolist()
     return {"reward_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else float("nan"),

@@ -63,6 +63,13 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
     return tokenizer
 
 
+def load_template(model_args: ModelArguments, tokenizer):
+    """The chat template the flags name (--template_name, --tool_format, --enable_thinking) for this tokenizer."""
+    from template import get_template
+
+    return get_template(model_args.template_name, tokenizer, model_args.tool_format, model_args.enable_thinking)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         if torch.cuda.is_available():

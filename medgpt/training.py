@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from template import split_stop_words
+from template import SETTINGS_FILE, split_stop_words
 
 logger = logging.getLogger("medgpt")
 
@@ -142,6 +142,7 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
         if template.jinja and template.jinja != tokenizer.chat_template:
             tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
         tokenizer.save_pretrained(output_dir)
+        save_template_settings(template, output_dir)
         turn_end = turn_end_generation_config(model, tokenizer, template)
         if turn_end is not None:  # also next to an adapter: merge_peft_adapter.py and vllm_deployment.sh use it
             turn_end.save_pretrained(output_dir)
@@ -151,6 +152,17 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
         logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
     # no process exits (which a launcher may take as the job's end) before the main one has finished writing
     trainer.accelerator.wait_for_everyone()
+
+
+def save_template_settings(template, output_dir: str) -> None:
+    """--enable_thinking / --tool_format beside the saved chat template, so later stages and servers render
+    conversations exactly as this stage did without repeating the flags."""
+    settings = {key: value for key, value in template.settings.items() if value is not None}
+    path = Path(output_dir) / SETTINGS_FILE
+    if settings:
+        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    elif path.exists():
+        path.unlink()
 
 
 def turn_end_generation_config(model, tokenizer, template):

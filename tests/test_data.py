@@ -134,7 +134,7 @@ def test_overlong_conversations_are_cut_at_turn_boundaries(tokenizer):
     template = get_template(None, tokenizer)
     records = [("a:1", long_conversation(40, 4)), ("a:2", long_conversation(10, 1)), ("a:3", long_conversation(200, 1))]
     dataset, counts = build_sft_dataset(records, tokenizer, template, max_length=200, overlong_policy="skip")
-    assert counts == {"kept": 1, "cut": 1, "truncated": 0, "skipped": 1}
+    assert counts == {"kept": 1, "cut": 1, "truncated": 0, "skipped": 1, "invalid": 0}
     assert len(dataset) == 2
     for row in dataset:
         assert len(row["input_ids"]) <= 200
@@ -144,7 +144,7 @@ def test_overlong_conversations_are_cut_at_turn_boundaries(tokenizer):
         assert tokenizer.eos_token in tail
 
     dataset, counts = build_sft_dataset(records, tokenizer, template, max_length=200, overlong_policy="truncate")
-    assert counts == {"kept": 1, "cut": 1, "truncated": 1, "skipped": 0}
+    assert counts == {"kept": 1, "cut": 1, "truncated": 1, "skipped": 0, "invalid": 0}
     assert len(dataset) == 3 and max(len(r) for r in dataset["input_ids"]) == 200
 
 

@@ -123,6 +123,79 @@ def test_malformed_json_is_400_not_500(api):
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
 
+# ---------------------------------------------------------------- tools and reasoning through the API
+
+TOOL_QUESTION = [{"role": "user", "content": "Can I take aspirin with warfarin?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_api(tmp_path_factory, tiny_model_dir):
+    """A tiny model trained until it answers that question with its reasoning and a tool call, served."""
+    import supervised_finetuning
+    from conftest import write_jsonl
+    from test_chat_formats import CALL, TOOLS
+
+    root = tmp_path_factory.mktemp("tool-api")
+    record = {"messages": [*TOOL_QUESTION, {"role": "assistant", "content": "", "reasoning_content":
+                                            "Check the interaction.", "tool_calls": [{"function": CALL}]}],
+              "tools": TOOLS}
+    data = write_jsonl(root / "calls.jsonl", [record] * 4)
+    supervised_finetuning.main([
+        "--model_name_or_path", str(tiny_model_dir), "--train_files", str(data), "--output_dir", str(root / "model"),
+        "--validation_split_percentage", "0", "--max_steps", "60", "--learning_rate", "1e-2", "--use_peft", "false",
+        "--per_device_train_batch_size", "4", "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
+        "--gradient_checkpointing", "false", "--seed", "1", "--tool_format", "default"])
+    port = free_port()
+    process = start("openai_api.py", "--base_model", str(root / "model"), "--port", str(port),
+                    ready_url=f"http://127.0.0.1:{port}/health")
+    yield f"http://127.0.0.1:{port}/v1", TOOLS
+    stop(process)
+
+
+@pytest.mark.slow
+def test_api_returns_tool_calls_and_reasoning_through_the_official_client(tool_api):
+    import json
+
+    base_url, tools = tool_api
+    c = client(base_url, key="none")
+    reply = c.chat.completions.create(model="medgpt", messages=TOOL_QUESTION, tools=tools, temperature=0,
+                                      max_tokens=80)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "check_drug_interaction" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"drug_a": "warfarin", "drug_b": "aspirin"}
+    assert choice.message.model_extra["reasoning_content"] == "Check the interaction."
+    # streamed: reasoning deltas, then the call, then finish_reason tool_calls
+    chunks = [ch for ch in c.chat.completions.create(model="medgpt", messages=TOOL_QUESTION, tools=tools,
+                                                     temperature=0, max_tokens=80, stream=True) if ch.choices]
+    reasoning = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for ch in chunks)
+    calls = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+    assert reasoning.strip() == "Check the interaction."
+    assert [tc.function.name for tc in calls] == ["check_drug_interaction"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice none: no tools offered, so no calls come back
+    plain = c.chat.completions.create(model="medgpt", messages=TOOL_QUESTION, tools=tools, tool_choice="none",
+                                      temperature=0, max_tokens=80)
+    assert plain.choices[0].finish_reason != "tool_calls" and not plain.choices[0].message.tool_calls
+    # the conversation goes on with the tool's result
+    follow = [*TOOL_QUESTION, choice.message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.id, "content": '{"severity": "major"}'}]
+    more = c.chat.completions.create(model="medgpt", messages=follow, tools=tools, temperature=0, max_tokens=8)
+    assert more.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"tool_choice": "required"}, "tool_choice: only 'auto' and 'none'"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "with a 'name'"),
+    ({"messages": [*TOOL_QUESTION, {"role": "tool", "content": "x"}]}, "expected assistant after user, got tool"),
+])
+def test_bad_tool_requests_get_400(api, body, message):
+    response = httpx.post(f"{api}/chat/completions", headers={"Authorization": "Bearer test-key"}, timeout=60,
+                          json={"messages": TOOL_QUESTION, "max_tokens": 4, **body})
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
 def test_disconnect_mid_stream_does_not_stop_the_server(api):
     with httpx.stream("POST", f"{api}/chat/completions", headers={"Authorization": "Bearer test-key"}, timeout=60,
                       json={"messages": QUESTION, "max_tokens": 64, "stream": True}) as response:

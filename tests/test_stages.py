@@ -107,9 +107,11 @@ def test_pretraining_then_sft_loads_it(tiny_model_dir, text_dir, sft_data_dir, t
 def test_preference_formats_convert():
     converted = [preference_from_record(r) for r in preference_records(3)]
     assert converted[0] == {"prompt": [{"role": "user", "content": "Chest pain and sweating, case 0?"}],
-                            "chosen": "Call emergency services now.", "rejected": "Wait and see at home."}
+                            "chosen": {"role": "assistant", "content": "Call emergency services now."},
+                            "rejected": {"role": "assistant", "content": "Wait and see at home."}}
     assert [m["role"] for m in converted[1]["prompt"]] == ["user", "assistant", "user"]
-    assert converted[2]["chosen"].startswith("4 g") and converted[2]["rejected"] == "10 g is fine."
+    assert converted[2]["chosen"]["content"].startswith("4 g")
+    assert converted[2]["rejected"] == {"role": "assistant", "content": "10 g is fine."}
 
 
 @pytest.mark.parametrize("record, message", [
@@ -131,11 +133,18 @@ def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
 def test_identical_and_overlong_pairs_are_skipped_and_counted(tokenizer):
     template = get_template(None, tokenizer)
     records = [(f"p:{i}", preference_from_record(r)) for i, r in enumerate(preference_records(3))]
-    records.append(("p:9", {"prompt": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same "}))
-    records.append(("p:10", {"prompt": [{"role": "user", "content": "word " * 400}], "chosen": "a", "rejected": "b"}))
+    answer = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    records.append(("p:9", {"prompt": [{"role": "user", "content": "q"}], "chosen": answer("same"),
+                            "rejected": answer("same ")}))
+    records.append(("p:10", {"prompt": [{"role": "user", "content": "word " * 400}], "chosen": answer("a"),
+                             "rejected": answer("b")}))
     dataset, counts = build_preference_dataset(records, tokenizer, template, max_length=200)
     assert counts == {"kept": 3, "skipped_identical": 1, "skipped_too_long": 1}
-    assert dataset[0]["chosen"] == [{"role": "assistant", "content": "Call emergency services now."}]
+    # the answer's own tokens: the text and its end-of-turn, after the prompt's generation prompt
+    assert tokenizer.decode(dataset[0]["chosen_ids"]) == "Call emergency services now.<|im_end|>\n"
+    assert tokenizer.decode(dataset[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    text, _ = build_preference_dataset(records[:1], tokenizer, template, max_length=200, kind="text")
+    assert text[0]["chosen"] == "Call emergency services now.<|im_end|>\n"
 
 
 # ---------------------------------------------------------------- reward model and DPO

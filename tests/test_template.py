@@ -1,5 +1,8 @@
 """Templates: the tokenizer path matches apply_chat_template; every named template has a golden rendering."""
 
+import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -114,3 +117,100 @@ def test_training_tokens_are_the_inference_prompt(tokenizer, name):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert ids[: len(prompt_ids)] == prompt_ids
         assert labels[len(prompt_ids)] != -100 and labels[len(prompt_ids) - 1] == -100
+
+
+# ---------------------------------------------------------------- every chat template trl ships
+
+
+def _shipped_templates():
+    import trl
+
+    folder = Path(trl.__file__).parent / "chat_templates"
+    return sorted(p.stem for p in folder.glob("*.jinja") if not p.stem.endswith("_training"))
+
+
+@pytest.fixture()
+def family_tokenizer(tokenizer):
+    """The embedded tokenizer wearing another family's chat template (set per test)."""
+    import copy
+
+    return copy.copy(tokenizer)
+
+
+@pytest.mark.parametrize("family", _shipped_templates())
+@pytest.mark.parametrize("turns", [3, 5])
+def test_every_shipped_chat_template_trains_exactly_the_answers(family_tokenizer, family, turns):
+    """With the family's own template (its training variant where it needs one): each answer is trained on
+    exactly its text and end-of-turn marker, nothing of the prompts, and the inference prompt for the last
+    turn is the trained text up to that answer."""
+    import trl
+
+    family_tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / f"{family}.jinja").read_text()
+    template = get_template(None, family_tokenizer)
+    conversation = CONVERSATION[:turns]
+    text, spans = template.answer_spans(conversation)
+    answers = [m["content"] for m in conversation if m["role"] == "assistant"]
+    assert len(spans) == len(answers)
+    stop = template.stop_words[0]
+    for (start, end, reasoning), answer in zip(spans, answers):
+        segment = text[start:end]
+        before, after = segment.split(answer, 1)
+        assert re.fullmatch(r"(<[^<>]+>\s*)+", after.strip()), segment  # the answer, then end-of-turn markup only
+        if end == spans[-1][1]:  # the final answer ends with the marker generation stops at (then at most EOS)
+            assert after.strip().startswith(stop) and after.strip()[len(stop):].strip() in ("", family_tokenizer.eos_token)
+        # before the answer only the template's answer framing (an empty <think> block, a channel header)
+        assert not any(word in before for word in ("Hi", "Fever", "Be careful", "Hello", "Rest")), before
+        assert reasoning is None
+    last_prompt = template.render(conversation[:-1], add_generation_prompt=True)
+    assert text.startswith(last_prompt) and len(last_prompt) == spans[-1][0]
+    # token level: exactly the tokens that start inside an answer span carry labels
+    ids, labels, _ = encode_conversation(template, family_tokenizer, conversation)
+    offsets = family_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    inside = [any(s <= first < e for s, e, _ in spans) for first, _ in offsets]
+    assert [label != -100 for label in labels] == inside
+    assert ids == family_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_template_that_cannot_be_trained_is_one_line_naming_the_fix(family_tokenizer):
+    family_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}" \
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    with pytest.raises(ValueError, match="--template_name") as error:
+        get_template(None, family_tokenizer)
+    assert "\n" not in str(error.value)
+
+
+def test_script_with_an_untrainable_template_ends_with_a_message_not_a_traceback(tiny_model_dir, tmp_path,
+                                                                                 sft_data_dir):
+    import shutil
+
+    from conftest import run_script
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}" \
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    result = run_script("supervised_finetuning.py", "--model_name_or_path", str(model), "--train_file_dir",
+                        str(sft_data_dir / "train"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                        check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "--template_name" in result.stderr
+
+
+@pytest.mark.parametrize("name, opening", [("qwen3", "<|im_start|>assistant\n"),
+                                           ("qwen3-nothink", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                           ("deepseek-r1", "<｜Assistant｜><think>\n")])
+def test_registered_reasoning_families(tokenizer, name, opening):
+    template = get_template(name, tokenizer)
+    prompt = template.render(CONVERSATION[:4], add_generation_prompt=True)
+    assert prompt.endswith(opening)
+    conversation = CONVERSATION[:3]
+    conversation[-1] = {"role": "assistant", "content": "Hello.", "reasoning_content": "They greet me."}
+    text, spans = template.answer_spans(conversation)
+    trained = text[spans[-1][0]:spans[-1][1]]
+    if name == "qwen3-nothink":  # the non-thinking form: no reasoning at all
+        assert "They greet me." not in text and trained.startswith("Hello.")
+    else:
+        assert "They greet me." in trained and trained.index("They greet me.") < trained.index("Hello.")
