@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medgpt.args import ModelArguments, parse_args, run_cli
-from medgpt.datasets import load_records
+from medgpt.data_files import load_records
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 from medgpt.rag import RagArguments, answer_stream, evaluate_retrieval, open_knowledge_base
 

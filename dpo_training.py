@@ -31,8 +31,9 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
-from medgpt.datasets import InvalidRecords, load_preference_datasets
+from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
+from medgpt.tokenization import prepare_preference_data
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
 
 logger = logging.getLogger("medgpt.dpo")
@@ -86,17 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Pairs are tokenized here with the stage's template (tool calls and reasoning included): DPOTrainer takes the
     # ids as they are; ORPO/SimPO's trainers tokenize the rendered text themselves.
-    train_dataset, eval_dataset, data_counts = load_preference_datasets(
-        data_args, tokenizer, template, training_args.max_length, training_args.seed,
-        invalid=InvalidRecords.from_args(data_args, training_args.output_dir),
-        kind="dpo" if trainer_class is DPOTrainer else "text",
+    invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
+    train_dataset, eval_dataset, data_counts = prepare_preference_data(
+        data_args, training_args, tokenizer, template, invalid, kind="dpo" if trainer_class is DPOTrainer else "text",
     )
+    data_counts.update(invalid.finish("preference data"))
     if trainer_class is DPOTrainer:
         trainer_class = PretokenizedDPOTrainer
 
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
     extra = {}
-    if trainer_class is DPOTrainer and not lora_args.use_peft:
+    if issubclass(trainer_class, DPOTrainer) and not lora_args.use_peft:
         # A frozen copy of the starting model (with any earlier adapter merged, as the policy has it).
         extra["ref_model"] = load_model(model_args, None, training=False)
     trainer = trainer_class(

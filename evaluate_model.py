@@ -25,14 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medgpt.args import parse_args, run_cli
-from medgpt.datasets import (
-    find_data_files,
-    json_reader,
-    preference_from_record,
-    qa_reader,
-    question_from_record,
-    text_document_reader,
-)
+from medgpt.data_files import find_data_files, json_reader, qa_reader, text_document_reader
+from medgpt.records import preference_from_record, question_from_record
 from medgpt.evaluation import (
     choice_loglik_accuracy,
     generation_metrics,
@@ -147,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoModelForSequenceClassification
 
         from medgpt.modeling import load_tokenizer
-        from template import get_template
+        from medgpt.chat_template import get_template
 
         print(f"== evaluating reward model {name}", flush=True)
         tokenizer = load_tokenizer(model_args)

@@ -28,15 +28,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import datasets
 from trl import GRPOConfig, GRPOTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import InvalidRecords, json_reader, load_train_validation, question_from_record
+from medgpt.data_files import InvalidRecords
 from medgpt.evaluation import score_questions
 from medgpt.generation import ChatModel
 from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer
 from medgpt.rewards import REWARD_FUNCTIONS
+from medgpt.tokenization import prepare_question_data
 from medgpt.training import resolve_resume, save_outputs, start_run
 
 logger = logging.getLogger("medgpt.grpo")
@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.chat_template = template.jinja  # TRL renders the prompts with the stage's template
 
     invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
-    train_items, eval_items = load_train_validation(
-        data_args, json_reader(question_from_record), "GRPO questions", training_args.seed, invalid=invalid
-    )
-    train_dataset = datasets.Dataset.from_list([item for _, item in train_items])
-    eval_items = [item for _, item in eval_items]
+    train_dataset, eval_dataset = prepare_question_data(data_args, training_args, invalid)
+    eval_items = list(eval_dataset) if eval_dataset is not None else []  # held-out questions, scored by generation
 
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
     metrics = invalid.finish("GRPO questions")

@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medgpt.args import ModelArguments, parse_args, run_cli
-from medgpt.datasets import DataError, qa_reader
+from medgpt.data_files import qa_reader
+from medgpt.records import DataError
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 
 
@@ -75,7 +76,7 @@ def run_batch_vllm(model_args: ModelArguments, args: InferenceArguments, setting
                          "requirements-vllm.txt, then run inference.py with .venv-vllm/bin/python.") from None
     from medgpt.modeling import load_tokenizer, resolve_model_path
     from medgpt.vllm_cli import max_lora_rank
-    from template import get_template, split_stop_words
+    from medgpt.chat_template import get_template, split_stop_words
 
     items = read_questions(args.data_file)
     tokenizer = load_tokenizer(model_args, padding_side="left")

@@ -177,7 +177,7 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
 def request_conversation(body: ChatRequest) -> tuple[list[dict], list[dict] | None]:
     """The request's messages in MedGPT's shapes (tool call arguments as objects) and the tools offered,
     checked: turns in order, ending with the user or with tool results; calls name offered tools."""
-    from medgpt.datasets import check_turn_order
+    from medgpt.records import check_turn_order
     from medgpt.tool_calls import normalize_call, normalize_tools
 
     tools = normalize_tools(body.tools) if body.tools else None

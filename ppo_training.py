@@ -30,15 +30,14 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 
-import datasets
-
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in TRL 1.12
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
-from medgpt.datasets import InvalidRecords, load_train_validation, qa_reader  # noqa: E402
+from medgpt.data_files import InvalidRecords  # noqa: E402
 from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer  # noqa: E402
+from medgpt.tokenization import prepare_prompt_data  # noqa: E402
 from medgpt.training import save_outputs, start_run  # noqa: E402
 
 logger = logging.getLogger("medgpt.ppo")
@@ -98,24 +97,6 @@ def check_model_paths(training_args: PPOConfig) -> None:
     check_reward_model(training_args.reward_model_path)
 
 
-def tokenize_prompts(records, tokenizer, template, max_prompt_length: int, name: str):
-    """Prompt token ids rendered with the template's generation prompt; over-long prompts skipped and reported."""
-    rows, skipped = [], []
-    for source, item in records:
-        ids = tokenizer(template.render(item["messages"], add_generation_prompt=True, tools=item.get("tools")),
-                        add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_length:
-            skipped.append(source)
-        else:
-            rows.append({"input_ids": ids})
-    if skipped:
-        logger.warning("%s: skipped %d prompt(s) longer than --max_prompt_length %d: %s%s", name, len(skipped),
-                       max_prompt_length, ", ".join(skipped[:10]), " ..." if len(skipped) > 10 else "")
-    if not rows:
-        raise SystemExit(f"No {name} prompts fit --max_prompt_length {max_prompt_length}.")
-    return datasets.Dataset.from_list(rows), len(skipped)
-
-
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
     if training_args.resume_from_checkpoint:
@@ -138,15 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     template = load_template(model_args, tokenizer)
 
     invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
-    train_records, eval_records = load_train_validation(
-        data_args, qa_reader, "PPO prompts", training_args.seed, extensions=(".jsonl", ".json", ".txt"),
-        invalid=invalid,
-    )
+    train_dataset, eval_dataset, prompt_counts = prepare_prompt_data(
+        data_args, training_args, tokenizer, template, script_args.max_prompt_length, invalid)
     invalid_counts = invalid.finish("PPO prompts")
-    train_dataset, train_skipped = tokenize_prompts(
-        train_records, tokenizer, template, script_args.max_prompt_length, "train")
-    eval_dataset, eval_skipped = tokenize_prompts(
-        eval_records or train_records[:2], tokenizer, template, script_args.max_prompt_length, "validation")
+    if train_dataset is None or not len(train_dataset):
+        raise SystemExit(f"No training prompts fit --max_prompt_length {script_args.max_prompt_length}.")
+    eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else train_dataset.select(range(2))
 
     policy = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
     # With LoRA the reference is the policy with its adapter off; full training needs a frozen copy.
@@ -172,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
     metrics = {**invalid_counts,
-        "train_prompts": len(train_dataset), "train_prompts_skipped": train_skipped,
-        "eval_prompts_skipped": eval_skipped, "steps": len(steps), "episodes": trainer.state.episode,
+        "train_prompts": len(train_dataset), **prompt_counts, "steps": len(steps), "episodes": trainer.state.episode,
     }
     for key in ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/value_avg", "loss/policy_avg"):
         if steps:

@@ -23,14 +23,9 @@ from dataclasses import dataclass, field
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import (
-    InvalidRecords,
-    build_pretraining_blocks,
-    deduplicate_documents,
-    load_train_validation,
-    text_document_reader,
-)
+from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
+from medgpt.tokenization import prepare_pretraining_data
 from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
 
 logger = logging.getLogger("medgpt.pt")
@@ -59,21 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args)
     template = load_template(model_args, tokenizer)  # saved with the model for the next stages
 
+    # Documents tokenized and cut into blocks through Arrow (or streamed), deduplicated, cached for the next run.
     invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
-    train_docs, eval_docs = load_train_validation(
-        data_args, text_document_reader(pt_args.txt_paragraphs), "pretraining text", training_args.seed,
-        extensions=(".txt", ".jsonl", ".json"), invalid=invalid,
+    train_dataset, eval_dataset, data_counts = prepare_pretraining_data(
+        data_args, training_args, tokenizer, pt_args.block_size, pt_args.txt_paragraphs, invalid
     )
     invalid_counts = invalid.finish("pretraining text")
-    train_docs, eval_docs, dedup_counts = deduplicate_documents(train_docs, eval_docs)
-    train_dataset, train_counts = build_pretraining_blocks(
-        train_docs, tokenizer, pt_args.block_size, data_args.preprocessing_num_workers, "train"
-    )
-    eval_dataset, eval_counts = (None, {})
-    if eval_docs:
-        eval_dataset, eval_counts = build_pretraining_blocks(
-            eval_docs, tokenizer, pt_args.block_size, data_args.preprocessing_num_workers, "validation"
-        )
 
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
     trainer = Trainer(
@@ -92,10 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     metrics.update(train_result.metrics)
-    metrics.update(dedup_counts)
+    metrics.update(data_counts)
     metrics.update(invalid_counts)
-    metrics.update({f"train_{k}": v for k, v in train_counts.items()})
-    metrics.update({f"eval_{k}": v for k, v in eval_counts.items()})
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer))
         before_text = f"{metrics['eval_perplexity_before']:.2f}" if before is not None else "-"

@@ -24,8 +24,9 @@ import logging
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import InvalidRecords, load_preference_datasets
+from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
+from medgpt.tokenization import prepare_preference_data
 from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
 
 logger = logging.getLogger("medgpt.rm")
@@ -44,10 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     template = load_template(model_args, tokenizer)
 
     # Pairs are tokenized here with the stage's template (tool calls and reasoning included); TRL takes the ids.
-    train_dataset, eval_dataset, data_counts = load_preference_datasets(
-        data_args, tokenizer, template, training_args.max_length, training_args.seed,
-        invalid=InvalidRecords.from_args(data_args, training_args.output_dir), kind="reward",
+    invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
+    train_dataset, eval_dataset, data_counts = prepare_preference_data(
+        data_args, training_args, tokenizer, template, invalid, kind="reward",
     )
+    data_counts.update(invalid.finish("preference data"))
 
     model = load_model(
         model_args, lora_args, task="sequence-classification", num_labels=1,

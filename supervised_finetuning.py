@@ -22,25 +22,22 @@ import logging
 from trl import SFTConfig, SFTTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
-from medgpt.datasets import (
-    InvalidRecords,
-    build_sft_dataset,
-    conversation_from_record,
-    json_reader,
-    load_train_validation,
-)
+from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
-from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
+from medgpt.packing import SFTCollator, block_mask_trainer
+from medgpt.tokenization import prepare_sft_data
 from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
 
 logger = logging.getLogger("medgpt.sft")
 
 
-def check_sft_flags(training_args: SFTConfig) -> None:
+def check_sft_flags(training_args: SFTConfig, data_args: DataArguments) -> None:
     """TRL data options that MedGPT's own tokenization and packing replace: refuse them with the remedy."""
     problems = []
     if training_args.padding_free:
         problems.append("--padding_free: use --packing true (block-diagonal masks; padding-free rows under flash-attention).")
+    if training_args.packing and data_args.streaming:
+        problems.append("--packing with --streaming: packing needs the whole dataset; pass --packing false.")
     if training_args.completion_only_loss is False:
         problems.append("--completion_only_loss false: SFT always trains on assistant answers only; "
                         "to train on whole texts use pretraining.py.")
@@ -56,34 +53,18 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, training_args, resolved = parse(argv)
     start_run(training_args, resolved)
-    check_sft_flags(training_args)
+    check_sft_flags(training_args, data_args)
 
     # Tokenizer and template: the one template object renders training data and inference prompts.
     tokenizer = load_tokenizer(model_args)
     template = load_template(model_args, tokenizer)
 
-    # Data: every problem in every file is reported before anything is trained (or set aside: --on_invalid_record).
+    # Data: read and tokenized through Arrow (or streamed), cached for the next run; every problem in every file is
+    # reported before anything is trained (or set aside: --on_invalid_record skip).
     invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
-    train_records, eval_records = load_train_validation(
-        data_args, json_reader(conversation_from_record), "SFT data", training_args.seed, invalid=invalid
-    )
-    max_length = training_args.max_length
-    options = dict(num_proc=data_args.preprocessing_num_workers, invalid=invalid,
-                   train_on_reasoning=data_args.train_on_reasoning)
-    train_dataset, train_counts = build_sft_dataset(
-        train_records, tokenizer, template, max_length, data_args.overlong_policy, name="train", **options
-    )
-    eval_dataset, eval_counts = (None, {})
-    if eval_records:
-        eval_dataset, eval_counts = build_sft_dataset(
-            eval_records, tokenizer, template, max_length, data_args.overlong_policy, name="validation", **options
-        )
+    train_dataset, eval_dataset, data_counts = prepare_sft_data(data_args, training_args, tokenizer, template, invalid)
     invalid_counts = invalid.finish("SFT data")
-    packing = training_args.packing
-    if packing:
-        unpacked_rows = len(train_dataset)
-        train_dataset = pack_sequences(train_dataset, max_length, seed=training_args.seed)
-        logger.info("Packed %d conversations into %d rows of at most %d tokens", unpacked_rows, len(train_dataset), max_length)
+    packing = training_args.packing  # the rows come packed (block-diagonal attention) from prepare_sft_data
 
     # Model: full, LoRA or QLoRA as the flags say.
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
@@ -106,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     metrics = dict(train_result.metrics)
-    metrics.update({f"train_records_{k}": v for k, v in train_counts.items()})
-    metrics.update({f"eval_records_{k}": v for k, v in eval_counts.items()})
+    metrics.update(data_counts)
     metrics.update(invalid_counts)
     metrics["packing"] = packing
     if eval_dataset is not None:

@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from medgpt.args import ModelArguments
-    from medgpt.datasets import find_data_files, qa_reader
+    from medgpt.data_files import find_data_files, qa_reader
     from medgpt.generation import ChatModel, GenerationArguments
 
     torch.manual_seed(0)

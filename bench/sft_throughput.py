@@ -62,9 +62,10 @@ def peak_memory_bytes() -> int:
 
 
 def load_rows(args, tokenizer, template):
-    from medgpt.datasets import build_sft_dataset, conversation_from_record, find_data_files, load_records
+    from medgpt.data_files import find_data_files, raw_records
+    from medgpt.tokenization import build_sft_dataset
 
-    records = load_records(find_data_files(args.data_dir, None, (".jsonl", ".json"), "train"), conversation_from_record)
+    records = raw_records(find_data_files(args.data_dir, None, (".jsonl", ".json"), "train"))
     dataset, _ = build_sft_dataset(records, tokenizer, template, args.max_length, "skip")
     return dataset
 
@@ -78,7 +79,7 @@ def run_side(args) -> dict:
     from medgpt.args import LoraArguments, ModelArguments, _hardware_defaults
     from medgpt.modeling import load_model, load_tokenizer
     from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
-    from template import get_template
+    from medgpt.chat_template import get_template
 
     torch.manual_seed(0)
     model_args = ModelArguments(model_name_or_path=args.model)

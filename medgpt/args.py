@@ -133,7 +133,9 @@ class DataArguments:
     validation_file_dir: str | None = field(
         default=None, metadata={"help": "Folder searched recursively for validation .jsonl/.json files."}
     )
-    train_files: list[str] | None = field(default=None, metadata={"help": "Training files, in addition to the folder."})
+    train_files: list[str] | None = field(default=None, metadata={
+        "help": "Training files, in addition to the folder. FILE=WEIGHT for each mixes them in those proportions "
+                "(e.g. medical.jsonl=0.8 general.jsonl=0.2: seeded, the most records possible without repeats)."})
     validation_files: list[str] | None = field(
         default=None, metadata={"help": "Validation files, in addition to the folder."}
     )
@@ -156,6 +158,24 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "PT and SFT: read the training files as a stream (for corpora bigger than the disk cache): "
+                  "tokenized on the fly, shuffled in a buffer of --shuffle_buffer_size records; needs --max_steps. "
+                  "Validation: the validation files, else the first --max_eval_samples (default 200) records."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10000, metadata={"help": "With --streaming: records shuffled together (a buffer, not the corpus)."}
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where prepared (tokenized) data is kept and reused by later runs with the same files, "
+                  "tokenizer, template and lengths. Default: $MEDGPT_DATA_CACHE, else ~/.cache/medgpt/prepared_data "
+                  "($MEDGPT_HOME/prepared_data when MEDGPT_HOME is set)."},
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Prepare the data again even when a cached copy matches."}
+    )
     train_on_reasoning: bool = field(
         default=True,
         metadata={"help": "Train on the reasoning an answer carries (reasoning_content or a leading <think> block). "
@@ -176,6 +196,8 @@ class DataArguments:
     def __post_init__(self):
         if self.on_invalid_record not in ("error", "skip"):
             raise ValueError(f"--on_invalid_record must be error or skip, got '{self.on_invalid_record}'.")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError("--shuffle_buffer_size must be at least 1.")
         if not 0 <= self.max_invalid_fraction <= 1:
             raise ValueError("--max_invalid_fraction must be between 0 and 1.")
         if self.overlong_policy not in ("skip", "truncate"):
@@ -256,8 +278,8 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
 def run_cli(main) -> None:
     """Run a script's ``main()`` so that problems in the user's data or choices end with their message
     (every problem with its file and line, or the flag), not a Python traceback."""
-    from medgpt.datasets import DataError
-    from template import TemplateError
+    from medgpt.records import DataError
+    from medgpt.chat_template import TemplateError
 
     try:
         main(sys.argv[1:])

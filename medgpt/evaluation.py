@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from medgpt.datasets import tokenize_pair
+from medgpt.tokenization import tokenize_pair
 from medgpt.generation import ChatModel, GenerationArguments
 from medgpt.rewards import extract_choice, open_answer_score
 

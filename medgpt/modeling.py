@@ -65,7 +65,7 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
 
 def load_template(model_args: ModelArguments, tokenizer):
     """The chat template the flags name (--template_name, --tool_format, --enable_thinking) for this tokenizer."""
-    from template import get_template
+    from medgpt.chat_template import get_template
 
     return get_template(model_args.template_name, tokenizer, model_args.tool_format, model_args.enable_thinking)
 

@@ -12,39 +12,66 @@ import torch
 
 
 def pack_sequences(dataset, max_length: int, seed: int = 0):
-    """Group tokenized sequences into rows of at most ``max_length`` tokens (first-fit decreasing).
+    """Group tokenized sequences into rows of at most ``max_length`` tokens (best-fit decreasing).
 
     Each output row has ``input_ids``, ``labels`` and ``seq_lengths`` (the lengths of the sequences
     in it, in order). The first label of every sequence is masked so no loss crosses a boundary.
+    Lengths are read from Arrow and rows are written in chunks, so memory stays flat for millions of rows.
     """
-    import datasets
+    import bisect
+    import hashlib
 
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    import datasets
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+    order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by position
     bins: list[list[int]] = []
-    space: list[int] = []
-    for index in order:
-        size = lengths[index]
-        target = next((b for b, free in enumerate(space) if free >= size), None)
-        if target is None:
+    by_space: dict[int, list[int]] = {}  # free space -> bins with that much room
+    spaces: list[int] = []  # the distinct free spaces, sorted
+    for index in order.tolist():
+        size = int(lengths[index])
+        at = bisect.bisect_left(spaces, size)
+        if at == len(spaces):
+            target, free = len(bins), max_length - size
             bins.append([index])
-            space.append(max_length - size)
         else:
+            room = spaces[at]
+            target = by_space[room].pop()
+            if not by_space[room]:
+                del by_space[room], spaces[at]
             bins[target].append(index)
-            space[target] -= size
-    generator = torch.Generator().manual_seed(seed)
-    bins = [bins[i] for i in torch.randperm(len(bins), generator=generator).tolist()]
-    all_ids, all_labels = dataset["input_ids"], dataset["labels"]
-    rows = {"input_ids": [], "labels": [], "seq_lengths": []}
-    for members in bins:
-        ids, labels = [], []
-        for index in members:
-            ids += all_ids[index]
-            labels += [-100] + list(all_labels[index][1:])
-        rows["input_ids"].append(ids)
-        rows["labels"].append(labels)
-        rows["seq_lengths"].append([lengths[index] for index in members])
-    return datasets.Dataset.from_dict(rows)
+            free = room - size
+        if free > 0:
+            if free not in by_space:
+                by_space[free] = []
+                bisect.insort(spaces, free)
+            by_space[free].append(target)
+    permutation = np.random.default_rng(seed).permutation(len(bins))
+    members = datasets.Dataset.from_dict({"members": [bins[i] for i in permutation]})
+
+    def gather(batch):
+        flat = [index for group in batch["members"] for index in group]
+        part = dataset.select(flat)
+        ids, labels = part["input_ids"], part["labels"]
+        rows, position = {"input_ids": [], "labels": [], "seq_lengths": []}, 0
+        for group in batch["members"]:
+            row_ids, row_labels = [], []
+            for offset in range(len(group)):
+                row_ids += ids[position + offset]
+                row_labels += [-100] + list(labels[position + offset][1:])
+            rows["input_ids"].append(row_ids)
+            rows["labels"].append(row_labels)
+            rows["seq_lengths"].append([int(lengths[index]) for index in group])
+            position += len(group)
+        return rows
+
+    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32"))
+                                  for name in ("input_ids", "labels", "seq_lengths")})
+    fingerprint = hashlib.sha256(f"{dataset._fingerprint}-{max_length}-{seed}-pack".encode()).hexdigest()[:20]
+    return members.map(gather, batched=True, batch_size=1000, remove_columns=["members"], features=features,
+                       new_fingerprint=fingerprint, desc="Packing conversations")
 
 
 class SFTCollator:

@@ -30,7 +30,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from medgpt.datasets import DataError
+from medgpt.data_files import find_files
+from medgpt.records import DataError
 
 logger = logging.getLogger(__name__)
 logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -206,14 +207,7 @@ def chunk_document(path: Path, source: str, chunk_size: int, overlap: int) -> li
 
 
 def find_documents(kb_dir: str) -> list[Path]:
-    root = Path(kb_dir)
-    if not root.is_dir():
-        raise DataError([f"--kb_dir {kb_dir}: no such folder."], what="knowledge base")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_EXTENSIONS)
-    if not files:
-        raise DataError([f"--kb_dir {kb_dir}: no {', '.join(DOCUMENT_EXTENSIONS)} files in it or its subfolders."],
-                        what="knowledge base")
-    return files
+    return find_files([kb_dir], DOCUMENT_EXTENSIONS, "--kb_dir", kind="folder")
 
 
 def chunk_documents(kb_dir: str, chunk_size: int, overlap: int) -> list[Chunk]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from template import SETTINGS_FILE, split_stop_words
+from medgpt.chat_template import SETTINGS_FILE, split_stop_words
 
 logger = logging.getLogger("medgpt")
 

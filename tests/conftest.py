@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+if "MEDGPT_DATA_CACHE" not in os.environ:  # prepared data of this test session only, removed with it
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MEDGPT_DATA_CACHE"] = tempfile.mkdtemp(prefix="medgpt-prepared-")
+    atexit.register(shutil.rmtree, os.environ["MEDGPT_DATA_CACHE"], ignore_errors=True)
 
 
 def pytest_configure(config):
@@ -46,6 +53,13 @@ def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def raw_dataset(path: Path, records):
+    """Records written to a .jsonl file and read back as the stages read them (raw rows in Arrow)."""
+    from medgpt.data_files import raw_records
+
+    return raw_records([write_jsonl(path, records)])
 
 
 def sft_records(count: int = 16) -> list[dict]:

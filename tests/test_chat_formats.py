@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from medgpt.datasets import DataError, conversation_from_record, json_reader, preference_from_record
+from medgpt.data_files import json_reader
+from medgpt.records import DataError, conversation_from_record, preference_from_record
 from medgpt.tool_calls import TOOL_FORMATS, format_calls, parse_calls
 from template import encode_conversation, get_template
 
@@ -319,10 +320,10 @@ def test_validate_skip_writes_the_clean_records_and_the_invalid_ones(tmp_path):
              json.dumps({"conversations": [{"from": "human", "value": "q"}]})]
     source = tmp_path / "mixed.jsonl"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    strict = run_script("-m", "medgpt.data", "validate", "--inputs", str(source), check=False)
+    strict = run_script("-m", "medgpt.data_tools", "validate", "--inputs", str(source), check=False)
     assert strict.returncode == 1 and f"{source}:2:" in strict.stderr and f"{source}:4:" in strict.stderr
     clean = tmp_path / "clean.jsonl"
-    run_script("-m", "medgpt.data", "validate", "--inputs", str(source), "--on_invalid_record", "skip",
+    run_script("-m", "medgpt.data_tools", "validate", "--inputs", str(source), "--on_invalid_record", "skip",
                "--output", str(clean))
     assert [json.loads(line) for line in clean.read_text().splitlines()] == [SHAREGPT, OPENAI]
     rejected = [json.loads(line) for line in (tmp_path / "clean.invalid_records.jsonl").read_text().splitlines()]

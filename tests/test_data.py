@@ -2,17 +2,11 @@
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import raw_dataset, write_jsonl
 from medgpt.args import DataArguments
-from medgpt.datasets import (
-    DataError,
-    build_sft_dataset,
-    conversation_from_record,
-    json_reader,
-    find_data_files,
-    load_train_validation,
-    record_to_messages,
-)
+from medgpt.data_files import find_data_files, json_reader, load_train_validation
+from medgpt.records import DataError, conversation_from_record, record_to_messages
+from medgpt.tokenization import build_sft_dataset
 from template import get_template
 
 
@@ -130,9 +124,10 @@ def long_conversation(turn_words: int, turns: int) -> list[dict]:
     return messages
 
 
-def test_overlong_conversations_are_cut_at_turn_boundaries(tokenizer):
+def test_overlong_conversations_are_cut_at_turn_boundaries(tokenizer, tmp_path):
     template = get_template(None, tokenizer)
-    records = [("a:1", long_conversation(40, 4)), ("a:2", long_conversation(10, 1)), ("a:3", long_conversation(200, 1))]
+    records = raw_dataset(tmp_path / "a.jsonl", [{"messages": m} for m in (
+        long_conversation(40, 4), long_conversation(10, 1), long_conversation(200, 1))])
     dataset, counts = build_sft_dataset(records, tokenizer, template, max_length=200, overlong_policy="skip")
     assert counts == {"kept": 1, "cut": 1, "truncated": 0, "skipped": 1, "invalid": 0}
     assert len(dataset) == 2

@@ -1,14 +1,14 @@
-"""python -m medgpt.data: validate, convert, dedup, mix and self-instruct, run as a user runs them."""
+"""python -m medgpt.data_tools: validate, convert, dedup, mix and self-instruct, run as a user runs them."""
 
 import json
 
 from conftest import ROOT, run_script, sft_records, write_jsonl
-from medgpt.data import parse_questions
-from medgpt.datasets import conversation_from_record, preference_from_record
+from medgpt.data_tools import parse_questions
+from medgpt.records import conversation_from_record, preference_from_record
 
 
 def data_tool(*args, check=True):
-    return run_script("-m", "medgpt.data", *args, check=check)
+    return run_script("-m", "medgpt.data_tools", *args, check=check)
 
 
 def read_jsonl(path):

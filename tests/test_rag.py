@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import ROOT, run_script
-from medgpt.datasets import DataError
+from medgpt.records import DataError
 from medgpt.rag import (
     Chunk,
     KnowledgeBase,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import run_script, sft_records, write_jsonl
-from medgpt.datasets import DataError, json_reader, qa_item_from_record, qa_reader, question_from_record
+from medgpt.data_files import json_reader, qa_reader
+from medgpt.records import DataError, qa_item_from_record, question_from_record
 
 COMMON = ["--logging_steps", "1", "--report_to", "none", "--gradient_checkpointing", "false", "--seed", "5"]
 

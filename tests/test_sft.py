@@ -122,7 +122,7 @@ def test_quantized_full_training_is_refused(tiny_model_dir, sft_data_dir, tmp_pa
 def test_bad_data_stops_before_training(tiny_model_dir, sft_data_dir, tmp_path):
     bad = sft_data_dir / "train" / "bad.jsonl"
     bad.write_text('{"question": "q"}\n{"messages": [{"role": "user", "content": "q"}]}\n')
-    from medgpt.datasets import DataError
+    from medgpt.records import DataError
 
     with pytest.raises(DataError) as error:
         run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "x", "--max_steps", "1"))

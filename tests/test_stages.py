@@ -5,15 +5,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import preference_records, sft_records, write_jsonl
-from medgpt.datasets import (
-    DataError,
+from conftest import preference_records, raw_dataset, sft_records, write_jsonl
+from medgpt.data_files import json_reader, text_document_reader
+from medgpt.records import DataError, preference_from_record
+from medgpt.data_files import raw_records
+from medgpt.tokenization import (
     build_preference_dataset,
     build_pretraining_blocks,
     deduplicate_documents,
-    json_reader,
-    preference_from_record,
-    text_document_reader,
+    tokenize_documents,
 )
 from template import get_template
 
@@ -40,10 +40,12 @@ def changed(before: dict, after: dict, pattern: str = "") -> bool:
 # ---------------------------------------------------------------- pretraining
 
 
-def test_blocks_are_full_and_documents_end_with_eos(tokenizer):
-    docs = [("a:1", "first document"), ("a:2", "second one, a little longer"), ("a:3", "third")]
-    blocks, counts = build_pretraining_blocks(docs, tokenizer, block_size=4)
-    stream = [t for ids in (tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in docs)
+def test_blocks_are_full_and_documents_end_with_eos(tokenizer, tmp_path):
+    docs = ["first document", "second one, a little longer", "third"]
+    (tmp_path / "a.txt").write_text("\n".join(docs) + "\n")
+    documents = tokenize_documents(raw_records([tmp_path / "a.txt"]), tokenizer)
+    blocks, counts = build_pretraining_blocks(documents, block_size=4)
+    stream = [t for ids in (tokenizer(text, add_special_tokens=False)["input_ids"] for text in docs)
               for t in ids + [tokenizer.eos_token_id]]
     assert all(len(row) == 4 for row in blocks["input_ids"])
     assert [t for row in blocks["input_ids"] for t in row] == stream[: len(blocks) * 4]
@@ -63,11 +65,14 @@ def test_text_reader_modes_and_errors(tmp_path):
     assert f"{bad}:2:" in str(error.value) and f"{bad}:3:" in str(error.value)
 
 
-def test_duplicates_are_removed_and_counted():
-    train = [("a:1", "x"), ("a:2", "y "), ("a:3", "x"), ("a:4", "y")]
-    validation = [("b:1", "x"), ("b:2", "z")]
+def test_duplicates_are_removed_and_counted(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("x\ny \nx\ny\n")
+    (tmp_path / "b.txt").write_text("x\nz\n")
+    train = tokenize_documents(raw_records([tmp_path / "a.txt"]), tokenizer)
+    validation = tokenize_documents(raw_records([tmp_path / "b.txt"]), tokenizer)
     kept_train, kept_validation, counts = deduplicate_documents(train, validation)
-    assert [s for s, _ in kept_train] == ["a:1", "a:2"] and [s for s, _ in kept_validation] == ["b:2"]
+    assert kept_train["source"] == [f"{tmp_path}/a.txt:1", f"{tmp_path}/a.txt:2"]
+    assert kept_validation["source"] == [f"{tmp_path}/b.txt:2"]
     assert counts == {"train_duplicates_removed": 2, "validation_duplicates_removed": 1}
 
 
@@ -130,20 +135,17 @@ def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
     assert f"{path}:2:" in str(error.value) and message in str(error.value)
 
 
-def test_identical_and_overlong_pairs_are_skipped_and_counted(tokenizer):
+def test_identical_and_overlong_pairs_are_skipped_and_counted(tokenizer, tmp_path):
     template = get_template(None, tokenizer)
-    records = [(f"p:{i}", preference_from_record(r)) for i, r in enumerate(preference_records(3))]
-    answer = lambda text: {"role": "assistant", "content": text}  # noqa: E731
-    records.append(("p:9", {"prompt": [{"role": "user", "content": "q"}], "chosen": answer("same"),
-                            "rejected": answer("same ")}))
-    records.append(("p:10", {"prompt": [{"role": "user", "content": "word " * 400}], "chosen": answer("a"),
-                             "rejected": answer("b")}))
+    pairs = preference_records(3) + [{"prompt": "q", "chosen": "same", "rejected": "same "},
+                                     {"prompt": "word " * 400, "chosen": "a", "rejected": "b"}]
+    records = raw_dataset(tmp_path / "p.jsonl", pairs)
     dataset, counts = build_preference_dataset(records, tokenizer, template, max_length=200)
     assert counts == {"kept": 3, "skipped_identical": 1, "skipped_too_long": 1}
     # the answer's own tokens: the text and its end-of-turn, after the prompt's generation prompt
     assert tokenizer.decode(dataset[0]["chosen_ids"]) == "Call emergency services now.<|im_end|>\n"
     assert tokenizer.decode(dataset[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
-    text, _ = build_preference_dataset(records[:1], tokenizer, template, max_length=200, kind="text")
+    text, _ = build_preference_dataset(records.select([0]), tokenizer, template, max_length=200, kind="text")
     assert text[0]["chosen"] == "Call emergency services now.<|im_end|>\n"
 
 

@@ -1,13 +1,13 @@
 """Data tools: check, convert, deduplicate, mix and generate training data.
 
-    python -m medgpt.data validate --inputs data/sft data/preference
-    python -m medgpt.data convert --inputs alpaca.jsonl --output sharegpt.jsonl --to sharegpt
-    python -m medgpt.data dedup --inputs data/sft/train --output outputs/sft_dedup.jsonl
-    python -m medgpt.data mix --sources data/sft/train=0.8 general.jsonl=0.2 --output outputs/mixed.jsonl
-    python -m medgpt.data self-instruct --inputs data/rag/knowledge_base --output outputs/generated_sft.jsonl
+    python -m medgpt.data_tools validate --inputs data/sft data/preference
+    python -m medgpt.data_tools convert --inputs alpaca.jsonl --output sharegpt.jsonl --to sharegpt
+    python -m medgpt.data_tools dedup --inputs data/sft/train --output outputs/sft_dedup.jsonl
+    python -m medgpt.data_tools mix --sources data/sft/train=0.8 general.jsonl=0.2 --output outputs/mixed.jsonl
+    python -m medgpt.data_tools self-instruct --inputs data/rag/knowledge_base --output outputs/generated_sft.jsonl
 
 Each command has its own --help. They read the same formats, with the same validators and
-file:line error reports, as the training scripts (see medgpt/datasets.py for the formats).
+file:line error reports, as the training scripts (see medgpt/records.py for the formats).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 from medgpt.args import ModelArguments, parse_args
+from medgpt.chat_template import inline_reasoning
+from medgpt.data_files import find_files, mix_plan, read_json_records, text_document_reader
 from medgpt.generation import GenerationArguments
-from template import inline_reasoning
-from medgpt.datasets import (
+from medgpt.records import (
     Conversation,
     DataError,
     Problem,
@@ -35,8 +36,6 @@ from medgpt.datasets import (
     conversation_from_record,
     preference_from_record,
     question_from_record,
-    read_json_records,
-    text_document_reader,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,23 +78,7 @@ CONVERTERS: dict[str, Callable[[dict], object]] = {
 
 def expand_inputs(inputs: list[str], extensions: tuple[str, ...], flag: str = "--inputs") -> list[Path]:
     """Files named, and files found (recursively) in folders named; a clear error for anything missing."""
-    paths, problems = [], []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-            if not found:
-                problems.append(f"{flag} {name}: no {'/'.join(extensions)} files in this folder or its subfolders.")
-            paths += found
-        elif path.is_file():
-            if path.suffix.lower() not in extensions:
-                problems.append(f"{flag} {name}: expected a {'/'.join(extensions)} file.")
-            paths.append(path)
-        else:
-            problems.append(f"{flag} {name}: no such file or folder.")
-    if problems:
-        raise DataError(problems, what=f"{flag} arguments")
-    return paths
+    return find_files(inputs, extensions, flag)
 
 
 def read_checked(paths: list[Path], kind: str) -> tuple[list[tuple[Record, str, object]], list[str]]:
@@ -451,13 +434,12 @@ def mix(args: MixArguments) -> int:
     if len(kinds) != 1:
         raise SystemExit(f"--sources mix kinds of data ({', '.join(sorted(kinds))}); mix one kind at a time.")
     kind = kinds.pop()
-    total_weight = sum(weight for _, weight in sources)
-    shares = [weight / total_weight for _, weight in sources]
-    size = args.size or int(min(len(pool) / share for pool, share in zip(pools, shares)))
+    wants = mix_plan([len(pool) for pool in pools], [weight for _, weight in sources], args.size)
+    size = sum(wants)
     rng = random.Random(args.seed)
     rows = []
-    for (path, _), pool, share in zip(sources, pools, shares):
-        want = round(size * share)
+    for (path, _), pool, want in zip(sources, pools, wants):
+        share = want / max(size, 1)
         if want > len(pool) and not args.allow_repeats:
             raise SystemExit(f"--sources {path}: {want} records needed for --size {size}, it has {len(pool)}; "
                              "lower --size or pass --allow_repeats true.")
