@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental in TRL 1.12
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
@@ -50,6 +50,7 @@ class ORPOConfigWithLossType(ORPOConfig):
 VARIANTS = {
     "orpo": (ORPOConfigWithLossType, ORPOTrainer, {}),
     "simpo": (CPOConfig, CPOTrainer, {"cpo_alpha": 0.0}),  # SimPO = CPO's simpo loss without the BC term
+    "kto": (KTOConfig, KTOTrainer, {}),  # unpaired thumbs-up/down: rated answers, or pairs split in two
 }
 
 
@@ -62,17 +63,37 @@ class PretokenizedDPOTrainer(DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
 
+def requested_loss(argv: list[str]) -> list[str]:
+    """--loss_type from the command line, else from --config, before the full parse: it decides which
+    trainer's config class (and so which flags: --simpo_gamma, --desirable_weight ...) the stage accepts."""
+    import argparse
+
+    import yaml
+
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--loss_type", nargs="+")
+    peek.add_argument("--config")
+    known, _ = peek.parse_known_args(argv)
+    if known.loss_type:
+        return known.loss_type
+    if known.config and os.path.isfile(known.config):
+        with open(known.config, encoding="utf-8") as stream:
+            value = (yaml.safe_load(stream) or {}).get("loss_type")
+        if value:
+            return value if isinstance(value, list) else [value]
+    return ["sigmoid"]
+
+
 def parse(argv: list[str]):
-    """Parse with DPOConfig; for orpo/simpo parse again with that trainer's own config class, so
-    its flags are available and flags it lacks are reported."""
+    """Parse with the config class of the trainer that serves --loss_type (DPOConfig, or ORPO's, CPO's
+    (SimPO) or KTO's), so each variant's own flags work and flags it lacks are reported."""
     types = (ModelArguments, DataArguments, LoraArguments)
-    parsed = parse_args((*types, DPOConfig), argv, description=__doc__)
-    loss = parsed[3].loss_type
+    loss = requested_loss(argv)
     variant = loss[0] if len(loss) == 1 and loss[0] in VARIANTS else None
     if any(name in VARIANTS for name in loss) and variant is None:
-        raise SystemExit(f"--loss_type {' '.join(loss)}: orpo and simpo cannot be combined with other losses.")
+        raise SystemExit(f"--loss_type {' '.join(loss)}: {', '.join(VARIANTS)} cannot be combined with other losses.")
     if variant is None:
-        return parsed, DPOTrainer
+        return parse_args((*types, DPOConfig), argv, description=__doc__), DPOTrainer
     config_class, trainer_class, defaults = VARIANTS[variant]
     return parse_args((*types, config_class), argv, description=__doc__, defaults=defaults), trainer_class
 
@@ -89,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ids as they are; ORPO/SimPO's trainers tokenize the rendered text themselves.
     invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
     train_dataset, eval_dataset, data_counts = prepare_preference_data(
-        data_args, training_args, tokenizer, template, invalid, kind="dpo" if trainer_class is DPOTrainer else "text",
+        data_args, training_args, tokenizer, template, invalid,
+        kind={DPOTrainer: "dpo", KTOTrainer: "kto"}.get(trainer_class, "text"),
     )
     data_counts.update(invalid.finish("preference data"))
     if trainer_class is DPOTrainer:
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
     extra = {}
-    if issubclass(trainer_class, DPOTrainer) and not lora_args.use_peft:
+    if issubclass(trainer_class, (DPOTrainer, KTOTrainer)) and not lora_args.use_peft:
         # A frozen copy of the starting model (with any earlier adapter merged, as the policy has it).
         extra["ref_model"] = load_model(model_args, None, training=False)
     trainer = trainer_class(

@@ -121,6 +121,41 @@ class LoraArguments:
         default=None,
         metadata={"help": "Comma-separated modules trained in full next to the adapter, e.g. embed_tokens,lm_head."},
     )
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: the adapter learns each weight's direction and magnitude apart (often closer to full training)."})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "rsLoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r (stable at high ranks)."})
+    init_lora_weights: str = field(default="true", metadata={
+        "help": "How the adapter starts: true (B zero: the model is unchanged at first), gaussian, pissa (the "
+                "weights' principal components; pissa_niter_4 for a fast randomized SVD), olora (QR). With pissa "
+                "and olora the saved adapter is converted to a plain LoRA of the original base model."})
+    freeze_trainable_layers: int = field(default=0, metadata={
+        "help": "Freeze tuning (with --use_peft false): train only the last N transformer blocks in full, the rest "
+                "frozen. 0: off."})
+
+    INIT_CHOICES = ("true", "false", "gaussian", "pissa", "olora", "eva", "corda", "orthogonal")
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}.")
+        base = self.init_lora_weights.lower().split("_niter_")[0]
+        if base not in self.INIT_CHOICES:
+            raise ValueError(f"--init_lora_weights {self.init_lora_weights}: use one of "
+                             f"{', '.join(self.INIT_CHOICES)} (or pissa_niter_N).")
+        if self.freeze_trainable_layers < 0:
+            raise ValueError("--freeze_trainable_layers must be 0 (off) or a number of blocks.")
+        if self.freeze_trainable_layers and self.use_peft:
+            raise ValueError("--freeze_trainable_layers trains whole blocks: pass --use_peft false with it.")
+
+    def init_weights(self):
+        """--init_lora_weights as PEFT takes it (booleans for true/false)."""
+        value = self.init_lora_weights.lower()
+        return {"true": True, "false": False}.get(value, value)
+
+    @property
+    def converts_on_save(self) -> bool:
+        """PiSSA / OLoRA change the base weights: the saved adapter is converted back to plain LoRA."""
+        return str(self.init_weights()).startswith(("pissa", "olora"))
 
 
 @dataclass

@@ -141,6 +141,8 @@ def load_model(
             model.requires_grad_(True)  # PEFT froze the base while loading; full training needs it back
     if training and lora_args is not None and lora_args.use_peft and not _is_peft(model):
         model = wrap_lora(model, lora_args, task)
+    if training and lora_args is not None and lora_args.freeze_trainable_layers:
+        freeze_all_but_last_blocks(model, lora_args.freeze_trainable_layers)
     if training:
         log_trainable_parameters(model)
     return model
@@ -165,13 +167,38 @@ def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
         lora_dropout=lora_args.lora_dropout,
         target_modules=target_modules,
         modules_to_save=modules_to_save,
+        use_dora=lora_args.use_dora,
+        use_rslora=lora_args.use_rslora,
+        init_lora_weights=lora_args.init_weights(),
     )
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     # ZeRO-3 needs one dtype across the trainable tensors; a head trained next to the adapter (the reward
     # model's score, modules_to_save) keeps the weights' dtype, so there the adapter does too (DeepSpeed
     # keeps fp32 master copies for the optimizer anyway). Elsewhere PEFT keeps adapters in fp32.
-    return get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    if lora_args.converts_on_save:
+        # PiSSA/OLoRA moved part of the base weights into the adapter; the adapter as it starts is kept so the
+        # trained one can be saved as a plain LoRA of the original base model (save_outputs does it).
+        import tempfile
+
+        initial = tempfile.mkdtemp(prefix="medgpt-initial-adapter-")
+        config.init_lora_weights = True
+        model.save_pretrained(initial)
+        model.medgpt_initial_adapter = initial
+    return model
+
+
+def freeze_all_but_last_blocks(model, count: int) -> None:
+    """Freeze tuning: only the last ``count`` transformer blocks train (the rest, embeddings and head frozen)."""
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if blocks is None or count > len(blocks):
+        raise ValueError(f"--freeze_trainable_layers {count}: the model has {len(blocks) if blocks else 0} "
+                         "transformer blocks; pass at most that many.")
+    model.requires_grad_(False)
+    for block in blocks[len(blocks) - count:]:
+        block.requires_grad_(True)
+    logger.info("Freeze tuning: the last %d of %d blocks train, everything else is frozen.", count, len(blocks))
 
 
 def load_adapter(model, adapter_path: str, trainable: bool = False, task: str = "causal-lm"):

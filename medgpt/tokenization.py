@@ -164,8 +164,15 @@ def tokenize_pair(template, tokenizer, pair: dict) -> dict:
         split = next((i for i, (first, _) in enumerate(encoding["offset_mapping"]) if first >= start), len(ids))
         out.setdefault("prompt_ids", ids[:split])
         out.setdefault("prompt", text[:start])
-        out[f"{key}_ids"], out[key] = ids[split:], text[start:end]
+        out[f"{key}_ids"], out[key] = ids[split:], _answer_text(text[start:end], tokenizer)
     return out
+
+
+def _answer_text(answer: str, tokenizer) -> str:
+    """An answer's text for trainers that tokenize text and append EOS when it is missing: ending on EOS
+    (the whitespace a template writes after it is never generated), so EOS is not added twice."""
+    stripped = answer.rstrip()
+    return stripped if tokenizer.eos_token and stripped.endswith(tokenizer.eos_token) else answer
 
 
 _EMPTY_PAIR = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt": "", "chosen": "", "rejected": ""}
@@ -182,6 +189,62 @@ def _pair_example(example, template, tokenizer, max_length):
     longest = len(tokens["prompt_ids"]) + max(len(tokens["chosen_ids"]), len(tokens["rejected_ids"]))
     status = "too_long" if max_length is not None and longest > max_length else "kept"
     return {**tokens, "status": status, "problem": "", "text": ""}
+
+
+def _kto_batch(batch, template, tokenizer):
+    """Unpaired examples for KTO: a conversation whose last answer is rated (``"label": true|false``), or a
+    preference pair split into its desirable and undesirable answer."""
+    out = {key: [] for key in ("source", "text", "problem", "prompt", "completion", "label")}
+
+    def add(source, text, problem, prompt="", completion="", label=False):
+        for key, value in zip(out, (source, text, problem, prompt, completion, label)):
+            out[key].append(value)
+
+    for example in ({k: batch[k][i] for k in batch} for i in range(len(batch["source"]))):
+        try:
+            record = parse_json_record(example)
+            if any(key in record for key in ("chosen", "rejected", "response_chosen", "response_rejected")):
+                pair = preference_from_record(record)
+                texts = tokenize_pair(template, tokenizer, pair)
+                add(example["source"], "", "", texts["prompt"], texts["chosen"], True)
+                add(example["source"], "", "", texts["prompt"], texts["rejected"], False)
+                continue
+            label = record.get("label")
+            if not isinstance(label, bool):
+                raise ValueError("a KTO example is a preference pair, or a conversation with \"label\": true or "
+                                 f"false for its last answer (got label {label!r}).")
+            conversation = conversation_from_record({k: v for k, v in record.items() if k != "label"})
+            pair = {"prompt": list(conversation[:-1]), "chosen": conversation[-1], "rejected": conversation[-1],
+                    "tools": conversation.tools}
+            texts = tokenize_pair(template, tokenizer, pair)
+            add(example["source"], "", "", texts["prompt"], texts["chosen"], label)
+        except ValueError as error:
+            add(example["source"], example["text"], _where(example, error))
+    return out
+
+
+def build_kto_dataset(raw, tokenizer, template, name: str = "train", invalid: InvalidRecords | None = None,
+                      num_proc: int | None = None):
+    """KTO's unpaired ``prompt``/``completion``/``label`` rows, rendered by the stage's template; counted."""
+    import datasets
+
+    invalid = invalid if invalid is not None else InvalidRecords()
+    features = datasets.Features({**{key: datasets.Value("string") for key in
+                                     ("source", "text", "problem", "prompt", "completion")},
+                                  "label": datasets.Value("bool")})
+    rows = raw.map(partial(_kto_batch, template=template, tokenizer=tokenizer), batched=True, num_proc=num_proc,
+                   remove_columns=raw.column_names, features=features, desc=f"Rendering {name} KTO examples",
+                   new_fingerprint=_digest(raw._fingerprint, "kto", template_id(template), tokenizer_id(tokenizer),
+                                           DATA_FORMAT_VERSION))
+    take_problems(rows, invalid)
+    rows = rows.select(_indices_not(rows, "problem", "")).select_columns(["prompt", "completion", "label"])
+    if len(rows) == 0:
+        invalid.raise_now()
+        raise DataError([f"no usable {name} KTO examples"], what=f"{name} data")
+    desirable = _count(rows, "label").get(True, 0)
+    counts = {"examples": len(rows), "desirable": desirable, "undesirable": len(rows) - desirable}
+    logger.info("%s: %d KTO examples (%d desirable, %d undesirable)", name, *counts.values())
+    return rows, counts
 
 
 def build_preference_dataset(raw, tokenizer, template, max_length: int | None, name: str = "train",
@@ -433,12 +496,20 @@ def prepare_sft_data(data_args, training_args, tokenizer, template, invalid: Inv
 
 
 def prepare_preference_data(data_args, training_args, tokenizer, template, invalid: InvalidRecords, kind: str):
-    """Preference datasets for RM (``kind="reward"``), DPO (``"dpo"``) or ORPO/SimPO (``"text"``); cached."""
+    """Preference datasets for RM (``kind="reward"``), DPO (``"dpo"``), ORPO/SimPO (``"text"``) or KTO (``"kto"``:
+    rated answers and pairs split in two); cached."""
     max_length = training_args.max_length
     options = dict(invalid=invalid, num_proc=data_args.preprocessing_num_workers, kind=kind)
 
     def build():
         train_raw, eval_raw = load_splits(data_args, "preference data", training_args.seed, invalid=invalid)
+        if kind == "kto":
+            splits = [build_kto_dataset(raw, tokenizer, template, name, invalid, data_args.preprocessing_num_workers)
+                      if raw is not None and len(raw) else (None, {}) for name, raw in
+                      (("train", train_raw), ("validation", eval_raw))]
+            counts = {f"{prefix}_kto_{key}": value for prefix, (_, found) in zip(("train", "eval"), splits)
+                      for key, value in found.items()}
+            return {"train": splits[0][0], "validation": splits[1][0]}, counts
         train, found = build_preference_dataset(train_raw, tokenizer, template, max_length, "train", **options)
         counts = {f"train_pairs_{key}": value for key, value in found.items()}
         validation = None

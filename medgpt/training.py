@@ -137,7 +137,11 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
         if merge_adapter and hasattr(model, "merge_and_unload"):
             logger.warning("Saved a LoRA adapter (4/8-bit or DeepSpeed run); merge it with merge_peft_adapter.py "
                            "before loading the folder as a whole model.")
-        trainer.save_model(output_dir)
+        initial = getattr(model, "medgpt_initial_adapter", None)
+        if initial and trainer.is_world_process_zero():  # PiSSA/OLoRA: saved as a plain LoRA of the original base
+            model.save_pretrained(output_dir, path_initial_model_for_weight_conversion=initial)
+        elif not initial:
+            trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         if template.jinja and template.jinja != tokenizer.chat_template:
             tokenizer.chat_template = template.jinja  # later stages, inference and vLLM render the same way
