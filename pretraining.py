@@ -26,6 +26,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_pretraining_data
+from medgpt.vocab import is_extended
 from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
 
 logger = logging.getLogger("medgpt.pt")
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     invalid_counts = invalid.finish("pretraining text")
 
-    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    # A model whose vocabulary medgpt.vocab extended: its new embedding rows must learn, so they train too.
+    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing,
+                       train_embeddings=is_extended(model_args.model_name_or_path))
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -3,6 +3,7 @@
     python run_pipeline.py                 # PT -> SFT -> RM -> DPO -> PPO -> GRPO, evaluation, report
     python run_pipeline.py --force         # rerun every stage, even completed ones
     python run_pipeline.py --stages pt,sft # only some stages (their inputs must exist)
+    python run_pipeline.py --with_opd      # also distill the SFT model into a half-depth student (+ ~10 min)
 
 Each stage runs its own script with its configs/*.yaml plus the short CPU settings below, so the
 whole run takes about 20 minutes on 2 CPU cores. LoRA stages are merged before the next stage
@@ -65,6 +66,19 @@ def stages(out: Path) -> list[Stage]:
     ]
 
 
+def distillation_stages(out: Path) -> list[Stage]:
+    """Optional: the SFT model as teacher, a student of half its blocks, on-policy distillation."""
+    common = ["--save_strategy", "no", "--report_to", "none"]
+    return [
+        Stage("student", "-m", ["medgpt.student", "--model_name_or_path", str(out / "sft-merged"), "--num_layers",
+                                "15"], "student", "config.json"),
+        Stage("opd", "opd_training.py", [
+            "--config", "configs/opd.yaml", "--model_name_or_path", str(out / "student"),
+            "--teacher_model_name_or_path", str(out / "sft-merged"), "--max_steps", "8", "--max_eval_samples", "12",
+            *common], "opd"),
+    ]
+
+
 def complete(stage: Stage, out: Path) -> bool:
     return (out / stage.output / stage.done_file).is_file()
 
@@ -105,7 +119,7 @@ def stage_summary(out: Path) -> list[tuple[str, str, str]]:
         path = out / name / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    pt, sft, rm, dpo, ppo, grpo = (metrics(n) for n in ("pt", "sft", "rm", "dpo", "ppo", "grpo"))
+    pt, sft, rm, dpo, ppo, grpo, opd = (metrics(n) for n in ("pt", "sft", "rm", "dpo", "ppo", "grpo", "opd"))
     fmt = lambda value: f"{value:.3f}" if isinstance(value, (int, float)) else "-"  # noqa: E731
     return [
         ("PT", "loss " + first_last(out / "pt", "loss"),
@@ -121,7 +135,10 @@ def stage_summary(out: Path) -> list[tuple[str, str, str]]:
          f"KL {fmt(ppo.get('objective/kl_first'))} -> {fmt(ppo.get('objective/kl_last'))}"),
         ("GRPO", "reward " + first_last(out / "grpo", "reward"),
          f"held-out accuracy {fmt(grpo.get('eval_accuracy_before'))} -> {fmt(grpo.get('eval_accuracy'))}"),
-    ]
+    ] + ([("OPD (student of half the blocks)", "loss " + first_last(out / "opd", "loss"),
+           f"divergence to the teacher {fmt(opd.get('eval_divergence_before'))} -> {fmt(opd.get('eval_divergence'))}, "
+           f"answer loss {fmt(opd.get('eval_answer_loss_before'))} -> {fmt(opd.get('eval_answer_loss'))}")]
+         if opd else [])
 
 
 def write_report(out: Path, durations: dict[str, float]) -> Path:
@@ -166,13 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default="outputs/pipeline", help="Where every stage's folder goes.")
     parser.add_argument("--force", action="store_true", help="Rerun stages even when their outputs are complete.")
     parser.add_argument("--stages", default=None, help="Comma-separated subset of: pt, pt-merge, sft, sft-merge, rm, "
-                        "dpo, ppo, grpo, eval, rag (default: all).")
+                        "dpo, ppo, grpo, student, opd (with --with_opd), eval, rag (default: all).")
     parser.add_argument("--eval_samples", type=int, default=16, help="Held-out items per data set in the evaluation.")
+    parser.add_argument("--with_opd", action="store_true", help="Also distill the SFT model into a student of half "
+                        "its blocks (opd_training.py; about 10 more minutes on 2 CPU cores).")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     rag = Stage("rag", "chatpdf.py", ["--eval_file", "data/rag/questions.jsonl", "--index_dir", str(out / "rag" / "index"),
                                       "--eval_output", str(out / "rag" / "retrieval.json")], "rag", "retrieval.json", None)
-    plan = stages(out) + [evaluation_stage(out, args.eval_samples), rag]
+    plan = stages(out) + (distillation_stages(out) if args.with_opd else []) + [evaluation_stage(out, args.eval_samples), rag]
     if args.stages is not None:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = set(wanted) - {s.name for s in plan}

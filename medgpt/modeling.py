@@ -104,6 +104,7 @@ def load_model(
     num_labels: int = 1,
     training: bool = True,
     gradient_checkpointing: bool = False,
+    train_embeddings: bool = False,
 ):
     """Load a causal LM (or a sequence-classification head for reward models), quantized and
     LoRA-wrapped as the arguments say. With ``training=False`` an adapter is loaded for inference.
@@ -140,7 +141,7 @@ def load_model(
         if training and quant is None:
             model.requires_grad_(True)  # PEFT froze the base while loading; full training needs it back
     if training and lora_args is not None and lora_args.use_peft and not _is_peft(model):
-        model = wrap_lora(model, lora_args, task)
+        model = wrap_lora(model, lora_args, task, train_embeddings)
     if training and lora_args is not None and lora_args.freeze_trainable_layers:
         freeze_all_but_last_blocks(model, lora_args.freeze_trainable_layers)
     if training:
@@ -154,12 +155,19 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
+def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm", train_embeddings: bool = False):
+    """LoRA on the model as the flags say; ``train_embeddings`` also trains the input and output embeddings in
+    full (kept tied when the model ties them), as an extended vocabulary needs."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = lora_args.lora_target_modules
     target_modules = targets if targets == "all-linear" else [name.strip() for name in targets.split(",")]
     modules_to_save = [name.strip() for name in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
+    if train_embeddings:
+        names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if module is model.get_input_embeddings() or module is model.get_output_embeddings()}
+        modules_to_save = sorted(set(modules_to_save or []) | names)
+        logger.info("Extended vocabulary: the embeddings (%s) train in full next to the adapter.", ", ".join(names))
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
         r=lora_args.lora_r,
@@ -167,6 +175,7 @@ def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm"):
         lora_dropout=lora_args.lora_dropout,
         target_modules=target_modules,
         modules_to_save=modules_to_save,
+        ensure_weight_tying=train_embeddings,
         use_dora=lora_args.use_dora,
         use_rslora=lora_args.use_rslora,
         init_lora_weights=lora_args.init_weights(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def pack_sequences(dataset, max_length: int, seed: int = 0):
+def pack_sequences(dataset, max_length: int, seed: int = 0, num_proc: int | None = None):
     """Group tokenized sequences into rows of at most ``max_length`` tokens (best-fit decreasing).
 
     Each output row has ``input_ids``, ``labels`` and ``seq_lengths`` (the lengths of the sequences
@@ -25,7 +25,10 @@ def pack_sequences(dataset, max_length: int, seed: int = 0):
     import numpy as np
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+    # the lengths column when the dataset has one (read without touching the token ids), else counted
+    table = dataset.with_format("arrow")
+    lengths = (table["length"] if "length" in dataset.column_names else pc.list_value_length(table["input_ids"]))
+    lengths = lengths.to_numpy(zero_copy_only=False)
     order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by position
     bins: list[list[int]] = []
     by_space: dict[int, list[int]] = {}  # free space -> bins with that much room
@@ -53,7 +56,7 @@ def pack_sequences(dataset, max_length: int, seed: int = 0):
 
     def gather(batch):
         flat = [index for group in batch["members"] for index in group]
-        part = dataset.select(flat)
+        part = dataset[flat]  # one gather of the rows this batch packs
         ids, labels = part["input_ids"], part["labels"]
         rows, position = {"input_ids": [], "labels": [], "seq_lengths": []}, 0
         for group in batch["members"]:
@@ -70,8 +73,9 @@ def pack_sequences(dataset, max_length: int, seed: int = 0):
     features = datasets.Features({name: datasets.Sequence(datasets.Value("int32"))
                                   for name in ("input_ids", "labels", "seq_lengths")})
     fingerprint = hashlib.sha256(f"{dataset._fingerprint}-{max_length}-{seed}-pack".encode()).hexdigest()[:20]
+    workers = num_proc if num_proc and len(members) >= 1000 * num_proc else None
     return members.map(gather, batched=True, batch_size=1000, remove_columns=["members"], features=features,
-                       new_fingerprint=fingerprint, desc="Packing conversations")
+                       new_fingerprint=fingerprint, desc="Packing conversations", num_proc=workers)
 
 
 class SFTCollator:

@@ -42,7 +42,7 @@ from medgpt.records import (
 
 logger = logging.getLogger(__name__)
 
-DATA_FORMAT_VERSION = 2  # part of every cache key: bump when what the builders write changes
+DATA_FORMAT_VERSION = 3  # part of every cache key: bump when what the builders write changes
 
 
 def _where(example: dict, error: Exception) -> str:
@@ -106,9 +106,9 @@ def _sft_example(example, template, tokenizer, max_length, overlong_policy, trai
         conversation = conversation_from_record(parse_json_record(example))
         out = tokenize_for_sft(template, tokenizer, conversation, max_length, overlong_policy, conversation.tools,
                                train_on_reasoning)
-        return {**out, "problem": "", "text": ""}
+        return {**out, "length": len(out["input_ids"]), "problem": "", "text": ""}
     except ValueError as error:
-        return {"input_ids": [], "labels": [], "status": "invalid", "problem": _where(example, error),
+        return {"input_ids": [], "labels": [], "length": 0, "status": "invalid", "problem": _where(example, error),
                 "text": example["text"]}
 
 
@@ -122,7 +122,8 @@ def build_sft_dataset(raw, tokenizer, template, max_length: int, overlong_policy
                        overlong_policy=overlong_policy, train_on_reasoning=train_on_reasoning)
     tokenized = raw.map(
         function, num_proc=num_proc, desc=f"Tokenizing {name} conversations",
-        features=_int_features(source="str", text="str", problem="str", input_ids="int", labels="int", status="str"),
+        features=_int_features(source="str", text="str", problem="str", input_ids="int", labels="int", status="str",
+                               length="int64"),
         new_fingerprint=_digest(raw._fingerprint, "sft", template_id(template), tokenizer_id(tokenizer), max_length,
                                 overlong_policy, train_on_reasoning, DATA_FORMAT_VERSION),
     )
@@ -146,7 +147,7 @@ def build_sft_dataset(raw, tokenizer, template, max_length: int, overlong_policy
         invalid.raise_now()
         raise DataError([f"no {name} conversation is usable: each is invalid or longer than --max_length "
                          f"{max_length} in its first exchange"], what=f"{name} data")
-    return kept.select_columns(["input_ids", "labels"]), counts
+    return kept.select_columns(["input_ids", "labels", "length"]), counts
 
 
 # ---------------------------------------------------------------- preference pairs
@@ -307,6 +308,7 @@ def _pt_batch(batch, tokenizer, eos: int):
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return {
         "ids": [[] if problem else row + [eos] for row, problem in zip(ids, problems)],
+        "length": [0 if problem else len(row) + 1 for row, problem in zip(ids, problems)],
         "hash": [int.from_bytes(hashlib.blake2b(t.strip().encode(), digest_size=8).digest(), "little", signed=True)
                  for t in texts],
         "problem": problems,
@@ -322,7 +324,7 @@ def tokenize_documents(raw, tokenizer, num_proc: int | None = None, name: str = 
     tokenized = raw.map(
         partial(_pt_batch, tokenizer=tokenizer, eos=tokenizer.eos_token_id), batched=True, num_proc=num_proc,
         desc=f"Tokenizing {name} documents",
-        features=_int_features(source="str", text="str", problem="str", ids="int", hash="int64"),
+        features=_int_features(source="str", text="str", problem="str", ids="int", hash="int64", length="int64"),
         new_fingerprint=_digest(raw._fingerprint, "documents", tokenizer_id(tokenizer), DATA_FORMAT_VERSION),
     )
     take_problems(tokenized, invalid if invalid is not None else InvalidRecords())
@@ -357,30 +359,32 @@ def deduplicate_documents(train, validation) -> tuple:
     return kept_train, validation, counts
 
 
-def build_pretraining_blocks(documents, block_size: int, name: str = "train"):
+def build_pretraining_blocks(documents, block_size: int, name: str = "train", num_proc: int | None = None):
     """Concatenate tokenized documents (each ending with EOS) and cut them into blocks of ``block_size``.
 
     The standard continued-pretraining recipe: every block is exactly ``block_size`` tokens and documents
-    inside it are separated by EOS. The blocks are written batch by batch in one pass that carries the rest of
-    each batch into the next, so only the final tail shorter than one block is dropped (and reported).
+    inside it are separated by EOS. Each process writes its share batch by batch, carrying the rest of each
+    batch into the next, so only the tail of each share (shorter than a block) is dropped, and reported.
     """
     import numpy as np
+    import pyarrow.compute as pc
 
-    carry = {"tokens": np.zeros(0, dtype=np.int32), "total": 0}
+    carry = {"tokens": np.zeros(0, dtype=np.int32)}  # per process: each gets its own copy of the function
 
     def group(batch):
         stream = np.concatenate([carry["tokens"], *[np.asarray(ids, dtype=np.int32) for ids in batch["ids"]]])
-        carry["total"] += sum(len(ids) for ids in batch["ids"])
         blocks = len(stream) // block_size
         carry["tokens"] = stream[blocks * block_size:]
         return {"input_ids": stream[: blocks * block_size].reshape(blocks, block_size).tolist()}
 
+    workers = num_proc if num_proc and len(documents) >= 10000 * num_proc else None
     blocks = documents.map(group, batched=True, batch_size=2000, remove_columns=documents.column_names,
-                           features=_int_features(input_ids="int"), load_from_cache_file=False,
+                           features=_int_features(input_ids="int"), load_from_cache_file=False, num_proc=workers,
                            new_fingerprint=_digest(documents._fingerprint, "blocks", block_size, os.urandom(8).hex()),
                            desc=f"Grouping {name} tokens into blocks of {block_size}")
-    counts = {"documents": len(documents), "tokens": int(carry["total"]), "blocks": len(blocks),
-              "tail_tokens_dropped": int(len(carry["tokens"]))}
+    total = int(pc.sum(column(documents, "length")).as_py() or 0)
+    counts = {"documents": len(documents), "tokens": total, "blocks": len(blocks),
+              "tail_tokens_dropped": total - len(blocks) * block_size}
     if counts["blocks"] == 0:
         raise DataError([f"the {name} text has {counts['tokens']} tokens, fewer than one block of --block_size "
                          f"{block_size}; add text or lower --block_size"], what=f"{name} text")
@@ -446,9 +450,11 @@ def prepare_cached(what: str, key: list, build: Callable[[], tuple[dict, dict]],
         prepared, counts = build()
         if training_args.process_index == 0:
             folder.mkdir(parents=True, exist_ok=True)
+            workers = data_args.preprocessing_num_workers
             for name, dataset in prepared.items():
-                if dataset is not None:
-                    dataset.save_to_disk(str(folder / name))
+                if dataset is not None:  # written by the workers, so the main process does not read it all
+                    dataset.save_to_disk(str(folder / name),
+                                         num_proc=workers if workers and len(dataset) >= 1000 * workers else None)
             meta = {"splits": {name: dataset is not None for name, dataset in prepared.items()}, "counts": counts,
                     "total_records": invalid.total,
                     "invalid": [{"problem": str(p), "source": p.source, "raw": p.raw} for p in invalid.dropped]}
@@ -479,13 +485,18 @@ def prepare_sft_data(data_args, training_args, tokenizer, template, invalid: Inv
             validation, found = build_sft_dataset(eval_raw, tokenizer, template, max_length,
                                                   data_args.overlong_policy, name="validation", **options)
             counts.update({f"eval_records_{k}": v for k, v in found.items()})
+        train = train.select_columns(["input_ids", "labels", "length"])
+        if validation is not None:
+            validation = validation.select_columns(["input_ids", "labels"])
         if training_args.packing:
             from medgpt.packing import pack_sequences
 
             rows = len(train)
-            train = pack_sequences(train, max_length, seed=training_args.seed)
+            train = pack_sequences(train, max_length, seed=training_args.seed, num_proc=data_args.preprocessing_num_workers)
             counts["packed_rows"] = len(train)
             logger.info("Packed %d conversations into %d rows of at most %d tokens", rows, len(train), max_length)
+        else:
+            train = train.select_columns(["input_ids", "labels"])
         return {"train": train, "validation": validation}, counts
 
     key = ["sft", data_sources_id(data_args, training_args.seed, (".jsonl", ".json")), tokenizer_id(tokenizer),
@@ -542,10 +553,10 @@ def prepare_pretraining_data(data_args, training_args, tokenizer, block_size: in
         validation = tokenize_documents(eval_raw, tokenizer, num_proc, "validation", invalid) \
             if eval_raw is not None and len(eval_raw) else None
         train, validation, counts = deduplicate_documents(train, validation)
-        train, found = build_pretraining_blocks(train, block_size, "train")
+        train, found = build_pretraining_blocks(train, block_size, "train", num_proc)
         counts.update({f"train_{k}": v for k, v in found.items()})
         if validation is not None and len(validation):
-            validation, found = build_pretraining_blocks(validation, block_size, "validation")
+            validation, found = build_pretraining_blocks(validation, block_size, "validation", num_proc)
             counts.update({f"eval_{k}": v for k, v in found.items()})
         return {"train": train, "validation": validation}, counts
 
@@ -647,6 +658,7 @@ def stream_sft_data(data_args, training_args, tokenizer, template, invalid: Inva
         validation, found = build_sft_dataset(validation_raw, tokenizer, template, training_args.max_length,
                                               data_args.overlong_policy, name="validation", invalid=invalid,
                                               train_on_reasoning=data_args.train_on_reasoning)
+        validation = validation.select_columns(["input_ids", "labels"])
         counts.update({f"eval_records_{k}": v for k, v in found.items()})
     logger.info("SFT data: streaming the training files (shuffle buffer %d); %d validation records",
                 data_args.shuffle_buffer_size, len(validation) if validation is not None else 0)
@@ -777,3 +789,55 @@ def prepare_prompt_data(data_args, training_args, tokenizer, template, max_promp
         counts[f"{'eval' if name == 'validation' else 'train'}_prompts_skipped"] = len(skipped)
         splits.append(rows.select(_indices(rows, "status", ["kept"])).select_columns(["input_ids"]))
     return splits[0], splits[1], counts
+
+
+# ---------------------------------------------------------------- prompts with their answers (distillation)
+
+
+def _distill_example(example, template, tokenizer, max_length):
+    try:
+        conversation = conversation_from_record(parse_json_record(example))
+        pair = {"prompt": list(conversation[:-1]), "chosen": conversation[-1], "rejected": conversation[-1],
+                "tools": conversation.tools}
+        tokens = tokenize_pair(template, tokenizer, pair)
+    except ValueError as error:
+        return {"prompt_ids": [], "chosen_ids": [], "status": "invalid", "problem": _where(example, error),
+                "text": example["text"]}
+    too_long = len(tokens["prompt_ids"]) + len(tokens["chosen_ids"]) > max_length
+    return {"prompt_ids": tokens["prompt_ids"], "chosen_ids": tokens["chosen_ids"],
+            "status": "too_long" if too_long else "kept", "problem": "", "text": ""}
+
+
+def prepare_distillation_data(data_args, training_args, tokenizer, template, invalid: InvalidRecords):
+    """Distillation rows from SFT-format data: ``prompt_ids`` (the conversation up to its last answer, with the
+    generation prompt) and ``chosen_ids`` (that answer and its end-of-turn, for the off-policy share)."""
+
+    def build():
+        train_raw, eval_raw = load_splits(data_args, "distillation prompts", training_args.seed, invalid=invalid)
+        splits, counts = {}, {}
+        for name, raw in (("train", train_raw), ("validation", eval_raw)):
+            if raw is None or not len(raw):
+                splits[name] = None
+                continue
+            rows = raw.map(partial(_distill_example, template=template, tokenizer=tokenizer,
+                                   max_length=training_args.max_length),
+                           num_proc=data_args.preprocessing_num_workers, desc=f"Tokenizing {name} prompts",
+                           features=_int_features(source="str", text="str", problem="str", prompt_ids="int",
+                                                  chosen_ids="int", status="str"),
+                           new_fingerprint=_digest(raw._fingerprint, "distill", template_id(template),
+                                                   tokenizer_id(tokenizer), training_args.max_length,
+                                                   DATA_FORMAT_VERSION))
+            take_problems(rows, invalid)
+            found = _count(rows, "status")
+            if found.get("too_long"):
+                logger.warning("%s: skipped %d conversation(s) longer than --max_length %d", name, found["too_long"],
+                               training_args.max_length)
+            splits[name] = rows.select(_indices(rows, "status", ["kept"])).select_columns(["prompt_ids", "chosen_ids"])
+            prefix = "eval" if name == "validation" else "train"
+            counts.update({f"{prefix}_prompts": len(splits[name]), f"{prefix}_prompts_too_long": found.get("too_long", 0)})
+        return splits, counts
+
+    key = ["distill", data_sources_id(data_args, training_args.seed, (".jsonl", ".json")), tokenizer_id(tokenizer),
+           template_id(template), training_args.max_length]
+    prepared, counts = prepare_cached("distillation prompts", key, build, data_args, training_args, invalid)
+    return prepared["train"], prepared["validation"], counts

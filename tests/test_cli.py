@@ -8,14 +8,16 @@ from conftest import ROOT, run_script
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 
 SCRIPTS = ["pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py", "ppo_training.py",
-           "grpo_training.py", "merge_peft_adapter.py", "inference.py", "gradio_demo.py", "openai_api.py", "evaluate_model.py", "run_pipeline.py", "template.py", "chatpdf.py"]
+           "grpo_training.py", "merge_peft_adapter.py", "inference.py", "gradio_demo.py", "openai_api.py", "evaluate_model.py", "run_pipeline.py", "template.py", "chatpdf.py", "opd_training.py",
+           "-m medgpt.vocab", "-m medgpt.student"]
 STAGE_OF_CONFIG = {"pt.yaml": "pretraining", "sft.yaml": "supervised_finetuning", "rm.yaml": "reward_modeling",
-                   "dpo.yaml": "dpo_training", "ppo.yaml": "ppo_training", "grpo.yaml": "grpo_training"}
+                   "dpo.yaml": "dpo_training", "ppo.yaml": "ppo_training", "grpo.yaml": "grpo_training",
+                   "opd.yaml": "opd_training"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script):
-    result = run_script(script, "--help")
+    result = run_script(*script.split(), "--help")
     assert "usage" in result.stdout.lower() or "Registered templates" in result.stdout
 
 

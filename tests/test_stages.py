@@ -146,7 +146,7 @@ def test_identical_and_overlong_pairs_are_skipped_and_counted(tokenizer, tmp_pat
     assert tokenizer.decode(dataset[0]["chosen_ids"]) == "Call emergency services now.<|im_end|>\n"
     assert tokenizer.decode(dataset[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
     text, _ = build_preference_dataset(records.select([0]), tokenizer, template, max_length=200, kind="text")
-    assert text[0]["chosen"] == "Call emergency services now.<|im_end|>\n"
+    assert text[0]["chosen"] == "Call emergency services now.<|im_end|>"  # ends on EOS: TRL adds none again
 
 
 # ---------------------------------------------------------------- reward model and DPO
