@@ -182,3 +182,19 @@ def test_two_process_grpo_with_zero2(tiny_model_dir, tmp_path):
     # (a tiny random model's completions usually all score 0: no advantage, so the weights may not move)
     chat = ChatModel.load(ModelArguments(model_name_or_path=str(tiny_model_dir), adapter_name_or_path=str(out)))
     assert isinstance(chat.generate([[{"role": "user", "content": "Fever?"}]], GenerationArguments(max_new_tokens=4))[0], str)
+
+
+@pytest.mark.slow
+def test_two_process_on_policy_distillation_with_zero2(tiny_model_dir, tmp_path):
+    """OPD under torchrun with ZeRO-2: the student trains on both ranks beside the frozen teacher."""
+    data = write_jsonl(tmp_path / "train.jsonl", sft_records(16))
+    out = tmp_path / "out"
+    result = launch([*TORCHRUN, "opd_training.py", "--model_name_or_path", tiny_model_dir,
+                     "--teacher_model_name_or_path", tiny_model_dir, "--train_files", data,
+                     "--validation_split_percentage", "0", "--output_dir", out, "--max_steps", "2", "--max_length", "128",
+                     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_strategy", "no",
+                     "--report_to", "none", "--max_new_tokens", "8", "--lmbda", "0.5", "--use_peft", "true",
+                     "--gradient_checkpointing", "false", "--deepspeed", "zero2.json"])
+    assert "DeepSpeed ZeRO stage 2" in result.stderr
+    check_trained_on_two_ranks(out, records=16)
+    check_loads_and_generates(out, tiny_model_dir, lora=True)
