@@ -142,7 +142,7 @@ def build_sft_dataset(raw, tokenizer, template, max_length: int, overlong_policy
         logger.warning("%s: skipped %d conversation(s) whose first exchange is longer than max_length=%d (raise "
                        "--max_length or pass --overlong_policy truncate): %s%s", name, counts["skipped"], max_length,
                        ", ".join(skipped), " ..." if counts["skipped"] > 10 else "")
-    kept = tokenized.select(_indices(tokenized, "status", ["kept", "cut", "truncated"]))
+    kept = _select(tokenized, _indices(tokenized, "status", ["kept", "cut", "truncated"]))
     if len(kept) == 0:
         invalid.raise_now()
         raise DataError([f"no {name} conversation is usable: each is invalid or longer than --max_length "
@@ -328,7 +328,13 @@ def tokenize_documents(raw, tokenizer, num_proc: int | None = None, name: str = 
         new_fingerprint=_digest(raw._fingerprint, "documents", tokenizer_id(tokenizer), DATA_FORMAT_VERSION),
     )
     take_problems(tokenized, invalid if invalid is not None else InvalidRecords())
-    return tokenized.select(_indices_not(tokenized, "problem", ""))
+    return _select(tokenized, _indices_not(tokenized, "problem", ""))
+
+
+def _select(dataset, indices):
+    """``dataset.select(indices)``, or the dataset itself when every row is kept (the usual case): a dataset
+    without an indices mapping reads its columns straight from the memory-mapped file, in any size."""
+    return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
 def _indices_not(dataset, name: str, value):
