@@ -3,7 +3,10 @@
 Learns from preference pairs without a reward model (TRL's DPOTrainer). The variants are flags:
 `--loss_type` takes any DPO loss TRL offers (sigmoid = DPO, ipo, hinge, robust, bco_pair,
 sppo_hard, nca_pair, aot, apo_zero, apo_down, discopop, ...) plus `orpo` (TRL's ORPO trainer,
-no reference model) and `simpo` (TRL's CPO trainer with the SimPO loss, reference-free).
+no reference model), `simpo` (TRL's CPO trainer with the SimPO loss, reference-free) and `kto`
+(TRL's KTOTrainer on unpaired feedback: conversations whose last answer has "label": true|false,
+or pairs split into a desirable and an undesirable answer). Each variant takes its trainer's own flags
+(--simpo_gamma, --desirable_weight ...).
 With LoRA the reference model is the SFT model itself with the new adapter switched off, so no
 second copy sits in memory; full fine-tuning loads a frozen copy as reference.
 
