@@ -170,26 +170,13 @@ def text_document_reader(paragraphs: bool = False) -> Callable[[Sequence[Path]],
 
 
 def _read_text_file(path: Path, paragraphs: bool, problems: list[str]) -> list[tuple[str, str]]:
-    documents, current, start = [], [], 0
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as error:
-            problems.append(Problem(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                                    f"{error.start + 1}). Re-save the file as UTF-8.", f"{path}:{number}",
-                                    raw.decode("utf-8", "replace")))
-            continue
-        if not paragraphs:
-            if line:
-                documents.append((f"{path}:{number}", line))
-        elif line:
-            start = start or number
-            current.append(line)
-        elif current:
-            documents.append((f"{path}:{start}", "\n".join(current)))
-            current, start = [], 0
-    if current:
-        documents.append((f"{path}:{start}", "\n".join(current)))
+    """The (source, text) documents of a .txt file, read as training reads them (:func:`_text_rows`)."""
+    documents = []
+    for source, text, problem in _text_rows(path, paragraphs):
+        if problem:
+            problems.append(Problem(problem, source, text))
+        else:
+            documents.append((source, text))
     return documents
 
 
