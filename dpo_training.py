@@ -37,7 +37,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_preference_data
-from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
 
 logger = logging.getLogger("medgpt.dpo")
 
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         **extra,
     )
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics = dict(train_result.metrics)
     loss = training_args.loss_type
     metrics["loss_type"] = loss if isinstance(loss, str) else ",".join(loss)
@@ -144,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             "Held-out reward accuracy %.3f, margin %.3f",
             metrics.get("eval_rewards/accuracies", float("nan")), metrics.get("eval_rewards/margins", float("nan")),
         )
-    trainer.log_metrics("final", metrics)
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    finish_run(trainer, metrics, training_args.output_dir)
     return metrics
 
 

@@ -37,7 +37,7 @@ from medgpt.generation import ChatModel
 from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer
 from medgpt.rewards import REWARD_FUNCTIONS
 from medgpt.tokenization import prepare_question_data
-from medgpt.training import resolve_resume, save_outputs, start_run
+from medgpt.training import finish_run, resolve_resume, save_model, start_run
 
 logger = logging.getLogger("medgpt.grpo")
 
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         reward_processing_classes=reward_tokenizers,
     )
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics.update(train_result.metrics)
     metrics["train_questions"] = len(train_dataset)
     if eval_items:
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 script_args.eval_max_new_tokens, desc="Held-out accuracy after")
         metrics.update({f"eval_{key}": value for key, value in after.items()})
         logger.info("Held-out accuracy: %.3f before, %.3f after training", before["accuracy"], after["accuracy"])
-    trainer.log_metrics("final", metrics)
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir, plot_keys=("reward", "loss"))
+    finish_run(trainer, metrics, training_args.output_dir, plot_keys=("reward", "loss"))
     return metrics
 
 

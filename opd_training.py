@@ -32,7 +32,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, looks_like
 from medgpt.data_files import InvalidRecords  # noqa: E402
 from medgpt.modeling import load_model, load_template, load_tokenizer  # noqa: E402
 from medgpt.tokenization import prepare_distillation_data, tokenizer_id  # noqa: E402
-from medgpt.training import resolve_resume, save_outputs, start_run  # noqa: E402
+from medgpt.training import finish_run, resolve_resume, save_model, start_run  # noqa: E402
 
 logger = logging.getLogger("medgpt.opd")
 
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = GKDTrainer(model=model, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
                          processing_class=tokenizer, data_collator=collator)
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics.update(train_result.metrics)
     if eval_dataset is not None:
         after = measure(trainer.model, teacher, eval_dataset, collator, training_args.beta, training_args.temperature,
@@ -153,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("After: held-out divergence to the teacher %.4f (before %.4f), answer loss %.4f (before %.4f)",
                     after["divergence"], metrics["eval_divergence_before"], after["answer_loss"],
                     metrics["eval_answer_loss_before"])
-    trainer.log_metrics("final", metrics)
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    finish_run(trainer, metrics, training_args.output_dir)
     return metrics
 
 

@@ -38,7 +38,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.data_files import InvalidRecords  # noqa: E402
 from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer  # noqa: E402
 from medgpt.tokenization import prepare_prompt_data  # noqa: E402
-from medgpt.training import save_outputs, start_run  # noqa: E402
+from medgpt.training import finish_run, save_model, start_run  # noqa: E402
 
 logger = logging.getLogger("medgpt.ppo")
 
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset,
     )
     trainer.train()
+    save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     steps = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
     metrics = {**invalid_counts,
         "train_prompts": len(train_dataset), **prompt_counts, "steps": len(steps), "episodes": trainer.state.episode,
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/value_avg", "loss/policy_avg"):
         if steps:
             metrics[f"{key}_first"], metrics[f"{key}_last"] = steps[0][key], steps[-1][key]
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir,
-                 plot_keys=("objective/scores", "objective/kl", "loss/value_avg"))
+    finish_run(trainer, metrics, training_args.output_dir,
+               plot_keys=("objective/scores", "objective/kl", "loss/value_avg"))
     return metrics
 
 

@@ -27,7 +27,7 @@ from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_pretraining_data
 from medgpt.vocab import is_extended
-from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
+from medgpt.training import evaluate_before_training, final_eval_metrics, finish_run, resolve_resume, save_model, start_run
 
 logger = logging.getLogger("medgpt.pt")
 
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Validation perplexity before training: %.2f", metrics["eval_perplexity_before"])
 
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics.update(train_result.metrics)
     metrics.update(data_counts)
     metrics.update(invalid_counts)
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(final_eval_metrics(trainer))
         before_text = f"{metrics['eval_perplexity_before']:.2f}" if before is not None else "-"
         logger.info("Validation perplexity: %s before, %.2f after training", before_text, metrics["eval_perplexity"])
-    trainer.log_metrics("final", metrics)
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    finish_run(trainer, metrics, training_args.output_dir)
     return metrics
 
 

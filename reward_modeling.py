@@ -27,7 +27,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_preference_data
-from medgpt.training import evaluate_before_training, final_eval_metrics, resolve_resume, save_outputs, start_run
+from medgpt.training import evaluate_before_training, final_eval_metrics, finish_run, resolve_resume, save_model, start_run
 
 logger = logging.getLogger("medgpt.rm")
 
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Before training: held-out accuracy %.3f, margin %.3f", before["eval_accuracy"], before["eval_margin"])
 
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    save_model(trainer, tokenizer, template, training_args.output_dir, merge_adapter=True)  # before any report
     metrics.update(train_result.metrics)
     metrics.update(data_counts)
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer, perplexity=False))
         logger.info("After training: held-out accuracy %.3f, margin %.3f", metrics["eval_accuracy"], metrics["eval_margin"])
-    trainer.log_metrics("final", metrics)
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir, merge_adapter=True)
+    finish_run(trainer, metrics, training_args.output_dir)
     return metrics
 
 

@@ -26,7 +26,7 @@ from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer
 from medgpt.tokenization import prepare_sft_data
-from medgpt.training import final_eval_metrics, resolve_resume, save_outputs, start_run
+from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
 
 logger = logging.getLogger("medgpt.sft")
 
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics = dict(train_result.metrics)
     metrics.update(data_counts)
     metrics.update(invalid_counts)
     metrics["packing"] = packing
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer))
-    trainer.log_metrics("final", metrics)
-    save_outputs(trainer, tokenizer, template, metrics, training_args.output_dir)
+    finish_run(trainer, metrics, training_args.output_dir)
     return metrics
 
 

@@ -241,6 +241,36 @@ class DataArguments:
             raise ValueError("--validation_split_percentage must be in [0, 100).")
 
 
+# Ranges that hold for a flag of this name in any stage (None: not set, e.g. max_length off).
+_AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "block_size", "max_length", "max_prompt_length", "max_completion_length", "max_new_tokens",
+                 "eval_max_new_tokens", "num_generations", "batch_size", "eval_batch_size", "logging_steps",
+                 "max_train_samples", "max_eval_samples", "num_layers")
+_NOT_NEGATIVE = ("learning_rate", "weight_decay", "warmup_ratio", "warmup_steps", "max_grad_norm", "num_train_epochs",
+                 "lora_alpha", "temperature", "beta", "save_total_limit")
+_FRACTIONS = ("lora_dropout", "warmup_ratio", "top_p")
+
+
+def check_ranges(instances) -> list[str]:
+    """The flags whose values are out of range (before any data or model is loaded), and an --output_dir
+    that is a file."""
+    problems = []
+    for instance in instances:
+        for name, value in vars(instance).items():
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if name in _AT_LEAST_ONE and value < 1:
+                problems.append(f"--{name} {value}: must be at least 1.")
+            elif name in _NOT_NEGATIVE and value < 0:
+                problems.append(f"--{name} {value}: must not be negative.")
+            elif name in _FRACTIONS and not 0 <= value <= 1:
+                problems.append(f"--{name} {value}: must be between 0 and 1.")
+        output_dir = getattr(instance, "output_dir", None)
+        if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
+            problems.append(f"--output_dir {output_dir}: a file, not a folder. Choose a folder path (it is created).")
+    return list(dict.fromkeys(problems))
+
+
 class _SharedFieldParser(HfArgumentParser):
     """An HfArgumentParser where a field defined by several dataclasses (e.g. trust_remote_code in
     ModelArguments and TRL's configs) is one flag that fills all of them."""
@@ -290,7 +320,7 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
     values = {key: value for key, value in {**_hardware_defaults(), **(defaults or {})}.items() if key in known}
     config_path = _pop_config(argv)
     if config_path:
-        values.update(_read_config(config_path, known))
+        values.update(_read_config(config_path, {action.dest: action for action in parser._actions}))
     parser.set_defaults(**values)
     namespace, extra = parser.parse_known_args(args=argv)
     if extra:
@@ -303,6 +333,9 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
         ]
     except ValueError as error:
         raise SystemExit(f"{parser.prog}: error: {error} (see --help)") from None
+    problems = check_ranges(instances)
+    if problems:
+        raise SystemExit(f"{parser.prog}: error: " + " ".join(problems) + " (see --help)")
     resolved = {}
     for instance in instances:
         resolved.update(_to_plain(instance))
@@ -313,12 +346,13 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
 def run_cli(main) -> None:
     """Run a script's ``main()`` so that problems in the user's data or choices end with their message
     (every problem with its file and line, or the flag), not a Python traceback."""
-    from medgpt.records import DataError
     from medgpt.chat_template import TemplateError
+    from medgpt.modeling import ModelLoadError
+    from medgpt.records import DataError
 
     try:
         main(sys.argv[1:])
-    except (DataError, TemplateError) as error:
+    except (DataError, TemplateError, ModelLoadError) as error:
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
 
 
@@ -342,7 +376,8 @@ def _pop_config(argv: list[str]) -> str | None:
     return path
 
 
-def _read_config(path: str, known: set[str]) -> dict[str, Any]:
+def _read_config(path: str, actions: dict) -> dict[str, Any]:
+    """The YAML file's values, checked and converted as the same flags on the command line would be."""
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"--config {path}: no such file.")
@@ -353,14 +388,38 @@ def _read_config(path: str, known: set[str]) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a mapping of argument names to values at the top level.")
     problems = []
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=3)
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(str(key), sorted(actions), n=3)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             problems.append(f"  unknown key '{key}'.{hint}")
+            continue
+        try:
+            values[key] = _config_value(actions[key], value)
+        except (TypeError, ValueError) as error:
+            problems.append(f"  {key}: {error}")
     if problems:
-        raise SystemExit(f"--config {path}: keys that no argument of this script has:\n" + "\n".join(problems))
+        raise SystemExit(f"--config {path}: values that this script cannot take:\n" + "\n".join(problems))
     return values
+
+
+def _config_value(action, value):
+    """One YAML value as argparse would have made it from the command line."""
+    many = action.nargs in ("+", "*")
+    if isinstance(value, dict) or (isinstance(value, list) and not many):
+        raise TypeError(f"expected one value, got a {type(value).__name__} ({value!r}).")
+    items = value if isinstance(value, list) else [value]
+    if action.type is not None:
+        expected = {int: "a whole number", float: "a number"}.get(action.type, "a value this flag takes")
+        try:
+            items = [action.type(item) if isinstance(item, str) else item for item in items]
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not {expected}.") from None
+    if action.choices is not None:
+        for item in items:
+            if item not in action.choices:
+                raise ValueError(f"{item!r} is not one of {', '.join(map(str, action.choices))}.")
+    return items if many else items[0]
 
 
 def _to_plain(instance) -> dict[str, Any]:

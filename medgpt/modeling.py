@@ -7,6 +7,9 @@ remote code may run.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +19,34 @@ from medgpt.args import LoraArguments, ModelArguments
 from medgpt.base_model import prepare_default_model
 
 logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """A model, tokenizer or adapter folder that cannot be loaded as given: which one, why, what to do."""
+
+
+@contextmanager
+def explain_load_errors(flag: str, path: str):
+    """Turn the loaders' errors that the user must act on into one message naming the flag and folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        found = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", str(error))
+        raise ModelLoadError(
+            f"{flag} {path}: its weights are a pickle file that torch refuses to load safely (weights_only"
+            f"{': ' + found.group(1) if found else ''}); such a file can run code when loaded. If you trust its "
+            "source, convert it once to safetensors (torch.load(file, weights_only=False), then "
+            "safetensors.torch.save_file) and point the flag at the converted folder.") from None
+    except SafetensorError as error:
+        raise ModelLoadError(f"{flag} {path}: a weights file there is damaged ({error}); copy or download the "
+                             "model again.") from None
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ModelLoadError(f"{flag} {path}: the folder ships its own modeling code (auto_map in its config), "
+                             "which runs only with --trust_remote_code true. Pass it if you trust that code.") from None
 
 
 def resolve_model_path(model_args: ModelArguments) -> str:
@@ -51,7 +82,9 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
     the tokenizer's unk (or other unused special) token serves as pad when there is one.
     """
     path = model_args.tokenizer_name_or_path or resolve_model_path(model_args)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    with explain_load_errors(flag, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         candidates = [tokenizer.unk_token, tokenizer.bos_token]
         spare = next((t for t in candidates if t and t not in (tokenizer.eos_token, None)), None)
@@ -125,12 +158,13 @@ def load_model(
         kwargs["attn_implementation"] = model_args.attn_implementation
     if quant is not None and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    elif task == "sequence-classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
-    else:
-        raise ValueError(f"unknown task {task}")
+    with explain_load_errors("--model_name_or_path", path):
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        elif task == "sequence-classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        else:
+            raise ValueError(f"unknown task {task}")
 
     if quant is not None and training:
         from peft import prepare_model_for_kbit_training
@@ -188,7 +222,7 @@ def wrap_lora(model, lora_args: LoraArguments, task: str = "causal-lm", train_em
     model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
     if lora_args.converts_on_save:
         # PiSSA/OLoRA moved part of the base weights into the adapter; the adapter as it starts is kept so the
-        # trained one can be saved as a plain LoRA of the original base model (save_outputs does it).
+        # trained one can be saved as a plain LoRA of the original base model (save_model does it).
         import tempfile
 
         initial = tempfile.mkdtemp(prefix="medgpt-initial-adapter-")
@@ -228,7 +262,8 @@ def load_adapter(model, adapter_path: str, trainable: bool = False, task: str = 
     config = PeftConfig.from_pretrained(adapter_path)
     if task == "sequence-classification" and config.task_type != TaskType.SEQ_CLS:
         config.task_type = None  # an SFT (causal-LM) adapter on a reward model's body: load it task-agnostic
-    model = PeftModel.from_pretrained(model, adapter_path, config=config, is_trainable=trainable and quantized)
+    with explain_load_errors("--adapter_name_or_path", adapter_path):
+        model = PeftModel.from_pretrained(model, adapter_path, config=config, is_trainable=trainable and quantized)
     return model if quantized else model.merge_and_unload()
 
 

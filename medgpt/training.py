@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import yaml
@@ -82,25 +81,68 @@ def record_config(resolved: dict, output_dir: str, is_main: bool) -> None:
 
 
 def resolve_resume(training_args) -> str | None:
-    """``--resume_from_checkpoint`` as a path; ``auto``/``true`` means the last checkpoint in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """``--resume_from_checkpoint`` as a path; ``auto``/``true`` means the newest complete checkpoint in
+    output_dir (one cut short while it was written, e.g. a truncated file, is skipped with a warning)."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
     if str(value).lower() in ("auto", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = newest_complete_checkpoint(training_args.output_dir)
         if last is None and str(value).lower() == "true":
             raise SystemExit(
-                f"--resume_from_checkpoint true: no checkpoint-* folder in {training_args.output_dir}. "
+                f"--resume_from_checkpoint true: no complete checkpoint-* folder in {training_args.output_dir}. "
                 "Pass a checkpoint folder, or 'auto' to start fresh when there is none."
             )
         if last:
             logger.info("Resuming from %s", last)
         return last
-    if not Path(value, "trainer_state.json").is_file():
-        raise SystemExit(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json).")
+    problem = checkpoint_problem(Path(value))
+    if problem:
+        raise SystemExit(f"--resume_from_checkpoint {value}: {problem}. Pass another checkpoint folder "
+                         "(or 'auto': the newest complete one).")
     return value
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint-N folder with the highest N whose files are all whole; None when there is none."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = [path for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if path.is_dir() and path.name.rsplit("-", 1)[1].isdigit()]
+    for path in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("Skipping checkpoint %s: %s (its save was cut short?). Resuming from an earlier one; delete "
+                       "that folder once you have checked it.", path, problem)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing state, a truncated weights or optimizer
+    file), or None. Reads only file headers and zip directories, not the tensors."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not (path / "trainer_state.json").is_file():
+        return "not a checkpoint folder (no trainer_state.json)"
+    for file in sorted(path.rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin") and file.is_file():
+                with file.open("rb") as handle:
+                    zipped = handle.read(2) == b"PK"  # torch.save's format since torch 1.6
+                if zipped:
+                    zipfile.ZipFile(file).close()  # a cut-off file has no zip directory at its end
+        except (SafetensorError, zipfile.BadZipFile, OSError) as error:
+            return f"{file.relative_to(path)} is damaged ({error})"
+    return None
 
 
 def final_eval_metrics(trainer, perplexity: bool = True) -> dict:
@@ -118,13 +160,11 @@ def final_eval_metrics(trainer, perplexity: bool = True) -> dict:
     return metrics
 
 
-def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, merge_adapter: bool = False,
-                 plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
-    """Model or adapter, tokenizer with the chat template it was trained with, metrics, loss plot.
+def save_model(trainer, tokenizer, template, output_dir: str, merge_adapter: bool = False) -> None:
+    """Model or adapter, tokenizer with the chat template it was trained with, trainer state.
 
-    metrics.json is written last: a folder without it is an interrupted run (the pipeline and the
-    run_*.sh scripts treat it so); resume such a run with --resume_from_checkpoint auto.
-
+    Every stage calls this as soon as ``trainer.train()`` returns, before any evaluation or report:
+    nothing that happens after training (a failing metric, evaluation, plot) can cost the trained model.
     ``merge_adapter`` saves a LoRA run as a complete model (adapter merged), for stages whose
     output is loaded as a whole model by the next one (the reward model).
     """
@@ -151,11 +191,34 @@ def save_outputs(trainer, tokenizer, template, metrics: dict, output_dir: str, m
         if turn_end is not None:  # also next to an adapter: merge_peft_adapter.py and vllm_deployment.sh use it
             turn_end.save_pretrained(output_dir)
         trainer.save_state()
-        plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
-        (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")  # last
-        logger.info("Saved model, tokenizer, %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
-    # no process exits (which a launcher may take as the job's end) before the main one has finished writing
+        logger.info("Saved the trained model and tokenizer to %s", output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def finish_run(trainer, metrics: dict, output_dir: str, plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
+    """The report after save_model: final metrics in the log, the loss plot, metrics.json.
+
+    A metric without a value (e.g. a reward that no question exercised) is logged as such; a plot that
+    fails is a warning. metrics.json is written last: a folder without it is an interrupted run (the
+    pipeline and the run_*.sh scripts treat it so); resume such a run with --resume_from_checkpoint auto.
+    """
+    if trainer.is_world_process_zero():
+        logger.info("Final metrics:\n%s", "\n".join(f"  {key} = {_shown(value)}" for key, value in metrics.items()))
+        trainer.save_state()  # again: with the evaluation that followed training
+        try:
+            plot = plot_loss(trainer.state.log_history, Path(output_dir) / PLOT_FILE, plot_keys)
+        except Exception as error:  # noqa: BLE001 - a plot is never worth a failed run
+            logger.warning("No loss plot: %s", error)
+            plot = None
+        (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")  # last
+        logger.info("Saved %s and %s to %s", METRICS_FILE, plot.name if plot else "no plot", output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "- (no value)"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def save_template_settings(template, output_dir: str) -> None:

@@ -148,3 +148,66 @@ def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(t
     assert result.returncode != 0 and "not a LoRA adapter" in result.stderr
     result = run_script("run_pipeline.py", "--stages", "", check=False)
     assert result.returncode != 0 and "--stages: unknown (none given)" in result.stderr
+
+
+class NotATensor:  # pickled into a checkpoint: torch's safe loader refuses it
+    pass
+
+
+def refused_models(tiny_model_dir, tmp_path):
+    """A model folder that needs its own code, and one whose weights are an unsafe pickle."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    remote = tmp_path / "remote-code"
+    shutil.copytree(tiny_model_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="medgpt_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                        "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (remote / "config.json").write_text(json.dumps(config))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save({**weights, "extra": NotATensor()}, pickled / "pytorch_model.bin")
+    return remote, pickled
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("supervised_finetuning", ["--learning_rate", "-1"], "--learning_rate -1.0: must not be negative"),
+    ("supervised_finetuning", ["--lora_r", "0"], "--lora_r must be at least 1, got 0"),
+    ("supervised_finetuning", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1"),
+    ("pretraining", ["--block_size", "0"], "--block_size 0: must be at least 1"),
+    ("dpo_training", ["--lora_dropout", "1.5"], "--lora_dropout 1.5: must be between 0 and 1"),
+    ("supervised_finetuning", ["--output_dir", "{file}"], ": a file, not a folder"),
+    ("supervised_finetuning", ["--config", "{yaml_list}"], "template_name: expected one value, got a list"),
+    ("supervised_finetuning", ["--config", "{yaml_number}"], "lora_r: 'four' is not a whole number"),
+    ("supervised_finetuning", ["--model_name_or_path", "{remote}"], "runs only with --trust_remote_code true"),
+    ("supervised_finetuning", ["--model_name_or_path", "{pickled}"], "refuses to load safely (weights_only"),
+])
+def test_bad_flags_and_models_end_with_a_message_naming_them(script, flags, message, tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    """The message run_cli ends with (what the user sees instead of a traceback), before any training."""
+    import importlib
+    import sys
+
+    from medgpt.args import run_cli
+
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "list.yaml").write_text("template_name: [chatml, vicuna]\n")
+    (tmp_path / "number.yaml").write_text("lora_r: four\n")
+    remote, pickled = refused_models(tiny_model_dir, tmp_path) if "{remote}" in flags or "{pickled}" in flags else (0, 0)
+    places = {"file": tmp_path / "file", "yaml_list": tmp_path / "list.yaml", "yaml_number": tmp_path / "number.yaml",
+              "remote": remote, "pickled": pickled}
+    flags = [flag.format(**places) for flag in flags]
+    data = ROOT / ("data/pretrain" if script == "pretraining" else "data/sft/train")
+    argv = [f"{script}.py", "--model_name_or_path", str(tiny_model_dir), "--train_file_dir", str(data),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_train_samples", "8", *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as ended:
+        run_cli(importlib.import_module(script).main)
+    assert message in str(ended.value)
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -1,6 +1,8 @@
-"""Every resumable stage continues a stopped run from its checkpoint on the same curve.
+"""A stopped run loses at most the work since its last checkpoint, a finished one nothing.
 
-(SFT's resume, including after SIGKILL, is in test_sft.py; PPO refuses to resume, see test_rl.py.)
+Every resumable stage continues a stopped run from its checkpoint on the same curve (SFT's resume,
+including after SIGKILL, is in test_sft.py; PPO refuses to resume, see test_rl.py), and every stage
+saves its trained model before anything after training can fail.
 """
 
 import json
@@ -8,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import sft_records, write_jsonl
 
 COMMON = ["--logging_steps", "1", "--report_to", "none", "--gradient_checkpointing", "false", "--seed", "5",
           "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no", "--learning_rate", "1e-2"]
@@ -35,6 +37,21 @@ def grpo_args(tiny_model_dir, data):
             "--validation_split_percentage", "0", "--reward_functions", "accuracy"]
 
 
+def open_questions_args(tiny_model_dir, data):
+    """GRPO on questions that have no options: the multiple-choice reward has no value to log."""
+    write_jsonl(data / "q.jsonl", [{"question": f"Case {i}: which vitamin deficiency causes scurvy?",
+                                    "answer": "Vitamin C"} for i in range(4)])
+    return ["--model_name_or_path", str(tiny_model_dir), "--train_files", str(data / "q.jsonl"),
+            "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "4",
+            "--validation_split_percentage", "0", "--logging_steps", "10"]  # logged once, after training
+
+
+def sft_args(tiny_model_dir, data):
+    write_jsonl(data / "c.jsonl", sft_records(4))
+    return ["--model_name_or_path", str(tiny_model_dir), "--train_files", str(data / "c.jsonl"),
+            "--validation_split_percentage", "0", "--per_device_train_batch_size", "2"]
+
+
 STAGES = {
     "pretraining": lambda model, data, pref: pretraining_args(model, data),
     "reward_modeling": lambda model, data, pref: preference_args(model, data, pref),
@@ -50,7 +67,8 @@ def logged(directory) -> dict[int, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", list(STAGES))
-def test_stage_resumes_from_its_checkpoint_on_the_same_curve(script, tiny_model_dir, preference_dir, tmp_path):
+def test_stage_resumes_from_its_checkpoint_on_the_same_curve(script, tiny_model_dir, preference_dir, tmp_path,
+                                                             caplog):
     import importlib
 
     main = importlib.import_module(script).main
@@ -61,15 +79,88 @@ def test_stage_resumes_from_its_checkpoint_on_the_same_curve(script, tiny_model_
     whole = logged(out)
     assert sorted(whole) == [1, 2, 3, 4] and (out / "checkpoint-2" / "trainer_state.json").is_file()
 
-    shutil.rmtree(out / "checkpoint-4")  # as if the run had died after step 3: its last checkpoint is step 2
+    if script == "pretraining":  # as if the run had died while writing checkpoint-4: skipped, named
+        weights = out / "checkpoint-4" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:  # as if the run had died after step 3: its last checkpoint is step 2
+        shutil.rmtree(out / "checkpoint-4")
     state_file = out / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["log_history"][0]["resumed_from_here"] = True  # shows up only if the run continues from this state
     state_file.write_text(json.dumps(state))
+    caplog.clear()
     main([*args, *COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
+    if script == "pretraining":
+        assert f"Skipping checkpoint {out / 'checkpoint-4'}: adapter_model.safetensors is damaged" in caplog.text
     resumed = logged(out)
     assert sorted(resumed) == [1, 2, 3, 4] and (out / "checkpoint-4").is_dir()
     assert resumed[1].get("resumed_from_here"), "steps 1-2 were trained again instead of resumed"
     for step in (3, 4):  # trained again after the resume: the same numbers as before
         assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-4, abs=1e-6), step
         assert resumed[step]["learning_rate"] == pytest.approx(whole[step]["learning_rate"]), step
+
+
+REPORTING_STAGES = {
+    "pretraining": lambda model, data, pref, rm: pretraining_args(model, data),
+    "supervised_finetuning": lambda model, data, pref, rm: sft_args(model, data),
+    "reward_modeling": lambda model, data, pref, rm: preference_args(model, data, pref),
+    "dpo_training": lambda model, data, pref, rm: preference_args(model, data, pref),
+    "grpo_training": lambda model, data, pref, rm: open_questions_args(model, data),
+    "ppo_training": lambda model, data, pref, rm: [
+        *sft_args(model, data), "--reward_model_path", str(rm), "--total_episodes", "2", "--num_mini_batches", "1",
+        "--num_ppo_epochs", "1", "--response_length", "4", "--num_sample_generations", "0"],
+    "opd_training": lambda model, data, pref, rm: [
+        *sft_args(model, data), "--teacher_model_name_or_path", str(model), "--max_new_tokens", "4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(REPORTING_STAGES))
+def test_a_failing_report_never_costs_the_trained_model(script, tiny_model_dir, preference_dir, reward_model_dir,
+                                                        tmp_path, monkeypatch):
+    """Whatever fails after training (here the Trainer's metric logging and the plot) comes after the save."""
+    import importlib
+
+    import transformers
+
+    import medgpt.training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(transformers.Trainer, "log_metrics", broken)
+    monkeypatch.setattr(medgpt.training, "plot_loss", broken)
+    main = importlib.import_module(script).main
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "out"
+    args = REPORTING_STAGES[script](tiny_model_dir, tmp_path / "data", preference_dir, reward_model_dir)
+    steps = [] if script == "ppo_training" else ["--max_steps", "1"]  # PPO counts --total_episodes
+    metrics = main([*COMMON[:6], *args, *steps, "--save_strategy", "no", "--output_dir", str(out)])
+    weights = {"reward_modeling": "model.safetensors"}.get(script, "adapter_model.safetensors")
+    assert (out / weights).is_file() and (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    if script == "grpo_training":  # no question had options: that reward has no mean, and says so
+        assert metrics["rewards/choice_accuracy_reward/mean"] is None
+
+
+def test_a_damaged_checkpoint_is_named_and_passed_over(tmp_path):
+    import torch
+
+    from medgpt.training import checkpoint_problem, newest_complete_checkpoint, resolve_resume
+
+    for step in (2, 4, 10):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        torch.save({"step": torch.zeros(1000)}, folder / "optimizer.pt")
+    optimizer = tmp_path / "checkpoint-10" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-200])  # a save cut short
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()  # never finished
+    assert checkpoint_problem(tmp_path / "checkpoint-10").startswith("optimizer.pt is damaged")
+    assert newest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+    class Args:
+        output_dir, resume_from_checkpoint = str(tmp_path), str(tmp_path / "checkpoint-10")
+
+    with pytest.raises(SystemExit, match=r"checkpoint-10: optimizer.pt is damaged .*Pass another checkpoint"):
+        resolve_resume(Args)
