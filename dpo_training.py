@@ -33,7 +33,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options  # noqa: E402
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_preference_data
@@ -95,10 +95,17 @@ def parse(argv: list[str]):
     variant = loss[0] if len(loss) == 1 and loss[0] in VARIANTS else None
     if any(name in VARIANTS for name in loss) and variant is None:
         raise SystemExit(f"--loss_type {' '.join(loss)}: {', '.join(VARIANTS)} cannot be combined with other losses.")
-    if variant is None:
-        return parse_args((*types, DPOConfig), argv, description=__doc__), DPOTrainer
+    options = dict(description=__doc__, stage="dpo")
+    if variant is None:  # pairs tokenized and cut by MedGPT; TRL takes the ids
+        return parse_args((*types, DPOConfig), argv, defaults={"overlong_policy": "truncate"}, **options,
+                          replaced=trl_options("dataset_num_proc", "truncation_mode", "model_init_kwargs")), DPOTrainer
     config_class, trainer_class, defaults = VARIANTS[variant]
-    return parse_args((*types, config_class), argv, description=__doc__, defaults=defaults), trainer_class
+    replaced = trl_options("model_init_kwargs")
+    if variant == "kto":  # KTO's trainer tokenizes the rendered examples and cuts them to --max_length itself
+        replaced.update({name: "KTO's trainer cuts over-long examples to --max_length itself."
+                         for name in ("overlong_policy", "max_prompt_length")})
+    return parse_args((*types, config_class), argv, defaults={"overlong_policy": "truncate", **defaults}, **options,
+                      replaced=replaced), trainer_class
 
 
 def main(argv: list[str] | None = None) -> dict:

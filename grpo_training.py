@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options
 from medgpt.data_files import InvalidRecords
 from medgpt.evaluation import score_questions
 from medgpt.generation import ChatModel
@@ -60,8 +60,8 @@ class GRPOScriptArguments:
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
     return parse_args(
-        (ModelArguments, DataArguments, LoraArguments, GRPOScriptArguments, GRPOConfig), argv, description=__doc__
-    )
+        (ModelArguments, DataArguments, LoraArguments, GRPOScriptArguments, GRPOConfig), argv, description=__doc__,
+        stage="grpo", replaced=trl_options("model_init_kwargs"))
 
 
 def build_rewards(script_args: GRPOScriptArguments, training_args: GRPOConfig):

@@ -28,7 +28,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKD lives in trl.exper
 import torch  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, looks_like_a_path, parse_args, run_cli  # noqa: E402
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, looks_like_a_path, parse_args, run_cli, trl_options  # noqa: E402
 from medgpt.data_files import InvalidRecords  # noqa: E402
 from medgpt.modeling import load_model, load_template, load_tokenizer  # noqa: E402
 from medgpt.tokenization import prepare_distillation_data, tokenizer_id  # noqa: E402
@@ -99,10 +99,17 @@ def measure(student, teacher, dataset, collator, beta: float, temperature: float
     return {"divergence": divergence / max(tokens, 1), "answer_loss": loss / max(tokens, 1), "tokens": int(tokens)}
 
 
+# GKDConfig's data options for work this stage does itself (refused, see parse_args).
+OPD_REPLACED = ("dataset_num_proc", "dataset_text_field", "dataset_kwargs", "chat_template_path", "eos_token",
+                "truncation_mode", "packing", "packing_strategy", "eval_packing", "shuffle_dataset",
+                "assistant_only_loss", "completion_only_loss", "padding_free", "model_init_kwargs",
+                "teacher_model_init_kwargs")
+
+
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
     return parse_args((ModelArguments, DataArguments, LoraArguments, TeacherArguments, GKDConfig), argv,
-                      description=__doc__)
+                      description=__doc__, stage="opd", replaced=trl_options(*OPD_REPLACED))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,9 +7,15 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (with "stream": true for server-sent events
 in OpenAI's chunk format, ending with [DONE]), GET /health. Supported request fields: model,
-messages (system/user/assistant with tool_calls/tool), max_tokens (or max_completion_tokens),
-temperature, top_p, stop, n (1 only), stream, stream_options.include_usage, tools and tool_choice
-(auto or none). An answer's reasoning (a <think> block) comes back as message.reasoning_content, and
+messages (system or developer first, then user and assistant turns alternating, assistant tool_calls
+followed by their tool results, ending with a user turn or tool results; content as a string or as
+text parts), max_tokens (or max_completion_tokens), temperature, top_p, stop (up to 4 non-empty
+strings), n (1 only), stream, stream_options, tools and tool_choice (auto or none); user,
+safety_identifier and seed are accepted and change nothing (temperature 0 is deterministic). Other
+OpenAI fields (response_format, logprobs, ...) are refused unless they ask for nothing (null, false,
+their default), unknown fields and values of the wrong type are refused, each error naming the field,
+in OpenAI's error shape. A body over --max_request_bytes gets 413 before it is read.
+An answer's reasoning (a <think> block) comes back as message.reasoning_content, and
 the tool calls it makes as message.tool_calls with finish_reason "tool_calls" (in streams too).
 With --api_key (or MEDGPT_API_KEY) every request needs
 "Authorization: Bearer <key>". Requests are answered one generation at a time (queued);
@@ -26,13 +32,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgpt.args import ModelArguments, parse_args, run_cli
@@ -52,44 +58,146 @@ class ServerArguments:
     max_input_tokens: int = field(default=2048, metadata={"help": "Longest accepted prompt, in tokens."})
     max_tokens_limit: int = field(default=1024, metadata={"help": "Largest accepted max_tokens."})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none."})
+    max_request_bytes: int = field(
+        default=1 << 20,
+        metadata={"help": "Largest accepted request body, in bytes (larger: 413, before it is read). The default, "
+                  "1 MiB, holds any prompt of 32k tokens or fewer with tool schemas, and bounds the work one "
+                  "request can cost before its prompt is measured."},
+    )
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
+class Strict(BaseModel):
+    """A part of a request: unknown fields and values of the wrong type ("yes" for true, "5" for 5) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: list[TextPart] | None = None
     reasoning_content: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    # what the official client sends back when a reply's message is dumped whole: accepted when null
+    refusal: None = None
+    audio: None = None
+    function_call: None = None
+    annotations: None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value):
+        """A string, or OpenAI's list of content parts, of which this server reads text ones only."""
+        if isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        if value is not None and not isinstance(value, list):
+            raise ValueError("must be a string or a list of text parts")
+        for index, part in enumerate(value or []):
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"part {index} is of type {part.get('type')!r}; this server supports only text "
+                                 "content ({\"type\": \"text\", \"text\": ...})")
+        return value
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool = True  # accepted; this server adds no obfuscation padding to chunks
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(Strict):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    stop: list[str] = Field(default=[], max_length=4)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tool_choice: Any = None  # checked with the conversation: "auto" or "none"
+    # accepted and without effect here: who is asking (for abuse monitoring at OpenAI), and a seed (OpenAI's own
+    # determinism is best effort; here temperature 0 is deterministic and sampled answers do not follow the seed)
+    user: str | None = None
+    safety_identifier: str | None = None
+    seed: int | None = None
 
-    @field_validator("stop")
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value):
         if value is None:
             return []
-        values = [value] if isinstance(value, str) else value
-        if len(values) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return values
+        if not isinstance(value, (str, list)):
+            raise ValueError("must be a string or a list of at most 4 strings")
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value):
+        if "" in value:
+            raise ValueError("an empty stop string is not allowed")
+        return value
+
+
+# OpenAI's request fields this server does not implement, each with the value that asks for nothing: that value
+# (or null) is accepted, so clients that send defaults explicitly work; any other value is refused.
+NOT_IMPLEMENTED = {
+    "audio": None, "frequency_penalty": 0, "function_call": None, "functions": None, "logit_bias": {},
+    "logprobs": False, "metadata": None, "modalities": ["text"], "moderation": None, "parallel_tool_calls": True,
+    "prediction": None, "presence_penalty": 0, "prompt_cache_key": None, "prompt_cache_options": None,
+    "prompt_cache_retention": None, "reasoning_effort": None, "response_format": {"type": "text"},
+    "service_tier": "auto", "store": False, "top_logprobs": 0, "verbosity": None, "web_search_options": None,
+}
+
+
+class RequestError(ValueError):
+    """A request this server refuses (400), with the field it names (OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def read_request(raw: bytes) -> ChatRequest:
+    """The request body, checked; every problem of its fields named at once (the first is the ``param``)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise RequestError("Invalid request: the body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise RequestError("Invalid request: the body must be a JSON object.")
+    problems = [(f"{name} is not supported by this server", name) for name, nothing in NOT_IMPLEMENTED.items()
+                if data.get(name) not in (None, nothing)]
+    try:
+        body = ChatRequest.model_validate({key: value for key, value in data.items() if key not in NOT_IMPLEMENTED})
+    except ValidationError as invalid:
+        problems += [describe(problem) for problem in invalid.errors()]
+    if problems:
+        raise RequestError("; ".join(message for message, _ in problems) + ".", param=problems[0][1])
+    return body
+
+
+def describe(problem: dict) -> tuple[str, str]:
+    """One pydantic error in OpenAI's words, with the field's path (``messages[0].content``)."""
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
+    if problem["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if problem["type"] == "none_required":
+        return f"{param} is not supported by this server", param
+    reason = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+    return f"Invalid '{param}': {reason}", param
 
 
 def error(status: int, message: str, code: str | None = None, param: str | None = None,
@@ -110,14 +218,6 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
                              code="invalid_api_key")
         return await call_next(request)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error(400, "Invalid request: the body is not valid JSON.")
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return error(400, f"Invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", param=where or None)
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), kind="invalid_request_error" if exc.status_code < 500 else "server_error")
@@ -135,22 +235,12 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
         return {"object": "list", "data": [{"id": args.model_name, "object": "model", "created": 0, "owned_by": "medgpt"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        if body.n != 1:
-            return error(400, "Only n=1 is supported.", param="n")
-        try:
-            messages, tools = request_conversation(body)
-        except ValueError as problem:
-            return error(400, f"Invalid request: {problem}", param=getattr(problem, "param", "messages"))
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(args.default_max_tokens, args.max_tokens_limit)
-        if max_tokens > args.max_tokens_limit:
-            return error(400, f"max_tokens is {max_tokens}; this server allows at most {args.max_tokens_limit}.",
-                         param="max_tokens")
-        prompt_tokens = chat.count_tokens(chat.prompt(messages, tools=tools))
-        if prompt_tokens > args.max_input_tokens:
-            return error(400, f"The messages are {prompt_tokens} tokens; this server accepts at most "
-                              f"{args.max_input_tokens}. Shorten the conversation.", param="messages",
-                         code="context_length_exceeded")
+    async def chat_completions(request: Request):
+        raw = await request.body()  # over --max_request_bytes: 413 (BodyLimit)
+        try:  # parsing, the chat template and tokenization are CPU work: off the event loop, so others are served
+            body, messages, tools, max_tokens, prompt_tokens = await run_in_threadpool(prepare, raw, chat, args)
+        except RequestError as problem:
+            return error(400, str(problem), code=problem.code, param=problem.param)
         settings = GenerationArguments(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                        top_k=0, repetition_penalty=1.0)
         created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -171,34 +261,91 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
                       "total_tokens": result.prompt_tokens + result.completion_tokens},
         }
 
+    app.add_middleware(BodyLimit, max_bytes=args.max_request_bytes)
     return app
 
 
+class BodyLimit:
+    """Answers 413 to a request body over ``max_bytes``: from its Content-Length before anything is read, and
+    as a chunked body arrives (reading past the limit fails, and the failure is answered here)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+        self.too_large = error(413, f"The request body is larger than this server accepts ({max_bytes} bytes).")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.too_large(scope, receive, send)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.max_bytes:
+                raise ValueError("request body over the limit")
+            return event
+
+        try:
+            await self.app(scope, receive_within_limit, send)
+        except Exception:  # raised through the middleware and route that were reading the body
+            if received <= self.max_bytes:
+                raise
+            await self.too_large(scope, receive, send)
+
+
+def prepare(raw: bytes, chat: ChatModel, args: ServerArguments) -> tuple:
+    """A request checked (fields, conversation, lengths): the request, its conversation, the tools offered,
+    max_tokens and the prompt's length in tokens. CPU work (the chat template, tokenization): run it in a thread."""
+    body = read_request(raw)
+    if body.n != 1:
+        raise RequestError("n: only n=1 is supported by this server.", param="n")
+    messages, tools = request_conversation(body)
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(args.default_max_tokens, args.max_tokens_limit)
+    if max_tokens > args.max_tokens_limit:
+        raise RequestError(f"max_tokens is {max_tokens}; this server allows at most {args.max_tokens_limit}.",
+                           param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    prompt_tokens = chat.count_tokens(chat.prompt(messages, tools=tools))
+    if prompt_tokens > args.max_input_tokens:
+        raise RequestError(f"The messages are {prompt_tokens} tokens; this server accepts at most "
+                           f"{args.max_input_tokens}. Shorten the conversation.", param="messages",
+                           code="context_length_exceeded")
+    return body, messages, tools, max_tokens, prompt_tokens
+
+
 def request_conversation(body: ChatRequest) -> tuple[list[dict], list[dict] | None]:
-    """The request's messages in MedGPT's shapes (tool call arguments as objects) and the tools offered,
-    checked: turns in order, ending with the user or with tool results; calls name offered tools."""
+    """The request's messages in MedGPT's shapes (text parts joined, developer as system, tool call arguments as
+    objects) and the tools offered, checked: turns in order, ending with the user or with tool results (an
+    assistant turn last is refused: the template would close it, not continue it); calls name offered tools."""
     from medgpt.records import check_turn_order
     from medgpt.tool_calls import normalize_call, normalize_tools
 
-    tools = normalize_tools(body.tools) if body.tools else None
-    choice = body.tool_choice
-    if choice not in (None, "auto", "none"):
-        problem = ValueError("tool_choice: only 'auto' and 'none' are supported.")
-        problem.param = "tool_choice"
-        raise problem
-    if choice == "none":
+    try:
+        tools = normalize_tools(body.tools) if body.tools else None
+    except ValueError as problem:
+        raise RequestError(f"Invalid request: {problem}", param="tools") from None
+    if body.tool_choice not in (None, "auto", "none"):
+        raise RequestError("tool_choice: only 'auto' and 'none' are supported.", param="tool_choice")
+    if body.tool_choice == "none":
         tools = None
-    declared = [tool["function"]["name"] for tool in body.tools or []] if body.tools else None
+    declared = [tool["function"]["name"] for tool in body.tools] if body.tools else None
     messages = []
-    for index, message in enumerate(body.messages):
-        item = {"role": message.role, "content": message.content or ""}
-        if message.role == "assistant" and message.tool_calls:
-            item["tool_calls"] = [normalize_call(call, f"messages[{index}].tool_calls[{n}]", declared)
-                                  for n, call in enumerate(message.tool_calls)]
-        elif not item["content"].strip():
-            raise ValueError(f"messages[{index}] ({message.role}) has no content.")
-        messages.append(item)
-    check_turn_order(messages, last_role="user")
+    try:
+        for index, message in enumerate(body.messages):
+            role = "system" if message.role == "developer" else message.role
+            item = {"role": role, "content": "\n".join(part.text for part in message.content or [])}
+            if role == "assistant" and message.tool_calls:
+                item["tool_calls"] = [normalize_call(call, f"messages[{index}].tool_calls[{n}]", declared)
+                                      for n, call in enumerate(message.tool_calls)]
+            elif not item["content"].strip():
+                raise ValueError(f"messages[{index}] ({message.role}) has no content.")
+            messages.append(item)
+        check_turn_order(messages, last_role="user", where=lambda index: f"messages[{index}]")
+    except ValueError as problem:
+        raise RequestError(f"Invalid request: {problem}", param="messages") from None
     return messages, tools
 
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in TRL 1.12
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli  # noqa: E402
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options  # noqa: E402
 from medgpt.data_files import InvalidRecords  # noqa: E402
 from medgpt.modeling import check_reward_model, load_model, load_template, load_tokenizer  # noqa: E402
 from medgpt.tokenization import prepare_prompt_data  # noqa: E402
@@ -43,23 +43,14 @@ from medgpt.training import finish_run, save_model, start_run  # noqa: E402
 logger = logging.getLogger("medgpt.ppo")
 
 
-@dataclass
-class PPOScriptArguments:
-    """Prompt length."""
-
-    max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts longer than this many tokens are skipped (counted and reported)."}
-    )
-
-
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
     # PPOConfig's own world_size field (filled by the trainer later) hides TrainingArguments' property, and
     # --deepspeed needs it while parsing: take it from the launcher (torchrun/accelerate/deepspeed set it).
     return parse_args(
-        (ModelArguments, DataArguments, LoraArguments, PPOScriptArguments, PPOConfig), argv, description=__doc__,
-        defaults={"world_size": int(os.environ.get("WORLD_SIZE", 1))},
-    )
+        (ModelArguments, DataArguments, LoraArguments, PPOConfig), argv, description=__doc__, stage="ppo",
+        defaults={"world_size": int(os.environ.get("WORLD_SIZE", 1)), "max_prompt_length": 512},
+        replaced=trl_options("dataset_num_proc"))
 
 
 class DistributedPPOTrainer(PPOTrainer):
@@ -98,7 +89,7 @@ def check_model_paths(training_args: PPOConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, lora_args, script_args, training_args, resolved = parse(argv)
+    model_args, data_args, lora_args, training_args, resolved = parse(argv)
     if training_args.resume_from_checkpoint:
         raise SystemExit(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: PPO runs cannot resume. TRL's PPO "
@@ -120,10 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     invalid = InvalidRecords.from_args(data_args, training_args.output_dir)
     train_dataset, eval_dataset, prompt_counts = prepare_prompt_data(
-        data_args, training_args, tokenizer, template, script_args.max_prompt_length, invalid)
+        data_args, training_args, tokenizer, template, data_args.max_prompt_length, invalid)
     invalid_counts = invalid.finish("PPO prompts")
     if train_dataset is None or not len(train_dataset):
-        raise SystemExit(f"No training prompts fit --max_prompt_length {script_args.max_prompt_length}.")
+        raise SystemExit(f"No training prompts fit --max_prompt_length {data_args.max_prompt_length}.")
     eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else train_dataset.select(range(2))
 
     policy = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)

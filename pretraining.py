@@ -45,7 +45,8 @@ class PretrainArguments:
 
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
-    return parse_args((ModelArguments, DataArguments, LoraArguments, PretrainArguments, TrainingArguments), argv, description=__doc__)
+    return parse_args((ModelArguments, DataArguments, LoraArguments, PretrainArguments, TrainingArguments), argv, description=__doc__,
+                      stage="pt")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,7 +23,7 @@ import logging
 
 from trl import RewardConfig, RewardTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_preference_data
@@ -34,7 +34,9 @@ logger = logging.getLogger("medgpt.rm")
 
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
-    return parse_args((ModelArguments, DataArguments, LoraArguments, RewardConfig), argv, description=__doc__)
+    return parse_args((ModelArguments, DataArguments, LoraArguments, RewardConfig), argv, description=__doc__,
+                      stage="rm", defaults={"overlong_policy": "truncate"},
+                      replaced=trl_options("dataset_num_proc", "chat_template_path", "eos_token", "model_init_kwargs"))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,7 @@ import logging
 
 from trl import SFTConfig, SFTTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import load_model, load_template, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer
@@ -31,23 +31,22 @@ from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save
 logger = logging.getLogger("medgpt.sft")
 
 
+# SFTConfig's data options that MedGPT's own tokenization, labels and packing replace (refused, see parse_args).
+SFT_REPLACED = ("dataset_num_proc", "dataset_text_field", "dataset_kwargs", "chat_template_path", "eos_token",
+                "truncation_mode", "packing_strategy", "eval_packing", "shuffle_dataset", "assistant_only_loss",
+                "completion_only_loss", "padding_free", "pad_to_multiple_of", "model_init_kwargs")
+
+
 def check_sft_flags(training_args: SFTConfig, data_args: DataArguments) -> None:
-    """TRL data options that MedGPT's own tokenization and packing replace: refuse them with the remedy."""
-    problems = []
-    if training_args.padding_free:
-        problems.append("--padding_free: use --packing true (block-diagonal masks; padding-free rows under flash-attention).")
     if training_args.packing and data_args.streaming:
-        problems.append("--packing with --streaming: packing needs the whole dataset; pass --packing false.")
-    if training_args.completion_only_loss is False:
-        problems.append("--completion_only_loss false: SFT always trains on assistant answers only; "
-                        "to train on whole texts use pretraining.py.")
-    if problems:
-        raise SystemExit("Unsupported flags for supervised_finetuning.py:\n  " + "\n  ".join(problems))
+        raise SystemExit("supervised_finetuning.py: error: --packing with --streaming: packing needs the whole "
+                         "dataset; pass --packing false.")
 
 
 def parse(argv: list[str] | None = None):
     """The stage's arguments from --config and the command line."""
-    return parse_args((ModelArguments, DataArguments, LoraArguments, SFTConfig), argv, description=__doc__)
+    return parse_args((ModelArguments, DataArguments, LoraArguments, SFTConfig), argv, description=__doc__, stage="sft",
+                      replaced=trl_options(*SFT_REPLACED))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,6 +8,8 @@ argument has is an error that names the closest valid ones.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import sys
@@ -76,10 +78,10 @@ class ModelArguments:
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load weights in 4-bit (bitsandbytes)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load weights in 8-bit (bitsandbytes)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type: nf4 or fp4."})
-    bnb_4bit_use_double_quant: bool = field(
-        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."}
-    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type: nf4 or fp4.",
+                                                              "requires": "load_in_4bit"})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={
+        "help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).", "requires": "load_in_4bit"})
 
     def __post_init__(self):
         for flag, value in (("--model_name_or_path (--base_model)", self.model_name_or_path),
@@ -158,6 +160,9 @@ class LoraArguments:
         return str(self.init_weights()).startswith(("pissa", "olora"))
 
 
+CACHED_STAGES = ("pt", "sft", "rm", "dpo", "opd")  # stages whose prepared data is cached on disk
+
+
 @dataclass
 class DataArguments:
     """Where the data is and how records are cut to length."""
@@ -185,36 +190,47 @@ class DataArguments:
     overlong_policy: str = field(
         default="skip",
         metadata={
-            "help": "A conversation whose first exchange alone exceeds --max_length: skip (drop it, counted and "
-            "reported) or truncate (keep the first max_length tokens; that answer loses its end-of-turn token). "
-            "Longer conversations are always cut at turn boundaries."
+            "help": "Records longer than --max_length. SFT (default skip): a conversation whose first exchange alone "
+            "is too long is skipped (counted and reported) or, with truncate, cut to max_length tokens (that answer "
+            "loses its end-of-turn token); longer conversations are always cut at turn boundaries. RM/DPO (default "
+            "truncate): a pair is cut as TRL cuts it (the prompt keeps its latest turns, at most "
+            "--max_prompt_length tokens; the answers keep their start), counted as pairs_truncated in metrics.json, "
+            "or skipped with skip. KTO: TRL truncates.",
+            "stages": ("sft", "rm", "dpo"),
         },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "RM/DPO: an over-long pair's prompt keeps at most its last N tokens (default: half of "
+                  "--max_length). PPO (default 512): prompts longer than this are skipped (counted and reported).",
+                  "stages": ("rm", "dpo", "ppo")},
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
     )
     streaming: bool = field(
         default=False,
-        metadata={"help": "PT and SFT: read the training files as a stream (for corpora bigger than the disk cache): "
+        metadata={"help": "Read the training files as a stream (for corpora bigger than the disk cache): "
                   "tokenized on the fly, shuffled in a buffer of --shuffle_buffer_size records; needs --max_steps. "
-                  "Validation: the validation files, else the first --max_eval_samples (default 200) records."},
+                  "Validation: the validation files, else the first --max_eval_samples (default 200) records.",
+                  "stages": ("pt", "sft")},
     )
     shuffle_buffer_size: int = field(
-        default=10000, metadata={"help": "With --streaming: records shuffled together (a buffer, not the corpus)."}
+        default=10000, metadata={"help": "With --streaming: records shuffled together (a buffer, not the corpus).",
+                                 "stages": ("pt", "sft"), "requires": "streaming"}
     )
     data_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where prepared (tokenized) data is kept and reused by later runs with the same files, "
                   "tokenizer, template and lengths. Default: $MEDGPT_DATA_CACHE, else ~/.cache/medgpt/prepared_data "
-                  "($MEDGPT_HOME/prepared_data when MEDGPT_HOME is set)."},
+                  "($MEDGPT_HOME/prepared_data when MEDGPT_HOME is set).", "stages": CACHED_STAGES},
     )
-    overwrite_cache: bool = field(
-        default=False, metadata={"help": "Prepare the data again even when a cached copy matches."}
-    )
+    overwrite_cache: bool = field(default=False, metadata={
+        "help": "Prepare the data again even when a cached copy matches.", "stages": CACHED_STAGES})
     train_on_reasoning: bool = field(
         default=True,
         metadata={"help": "Train on the reasoning an answer carries (reasoning_content or a leading <think> block). "
-                  "false keeps the reasoning in the input but out of the loss."},
+                  "false keeps the reasoning in the input but out of the loss.", "stages": ("sft",)},
     )
     on_invalid_record: str = field(
         default="error",
@@ -271,6 +287,48 @@ def check_ranges(instances) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+# Options of TRL's configs for work MedGPT does itself before the trainer sees the data (each stage names the
+# ones its trainer would ignore): not in that stage's --help, and refused with what to use instead.
+REPLACED_TRL_OPTIONS = {
+    "dataset_num_proc": "MedGPT prepares the data itself: use --preprocessing_num_workers.",
+    "dataset_text_field": "MedGPT reads its record formats itself (README: data formats).",
+    "dataset_kwargs": "MedGPT prepares the data itself; see the data flags in --help.",
+    "chat_template_path": "use --template_name (a registered template) or the model's own chat template.",
+    "eos_token": "the chat template decides where a turn ends (--template_name).",
+    "truncation_mode": "MedGPT cuts over-long data itself: see --overlong_policy.",
+    "packing_strategy": "--packing true packs with MedGPT's best-fit packing (conversations kept whole).",
+    "eval_packing": "validation rows are packed exactly when training rows are (--packing).",
+    "shuffle_dataset": "the Trainer shuffles the prepared rows every epoch (--seed).",
+    "assistant_only_loss": "SFT always trains on the answers only (labels from the chat template).",
+    "completion_only_loss": "SFT always trains on the answers only; for whole texts use pretraining.py.",
+    "padding_free": "use --packing true (block-diagonal masks; padding-free rows under flash-attention).",
+    "pad_to_multiple_of": "MedGPT's collator pads each batch to its longest row (packed rows need none).",
+    "packing": "this stage does not pack rows.",
+    "model_init_kwargs": "MedGPT loads the model: use --torch_dtype, --attn_implementation, --load_in_4bit.",
+    "teacher_model_init_kwargs": "MedGPT loads the teacher like the student (--teacher_* flags, --torch_dtype).",
+}
+
+
+def trl_options(*names: str) -> dict[str, str]:
+    """The REPLACED_TRL_OPTIONS a stage names, with their reasons (for parse_args' ``replaced``)."""
+    return {name: REPLACED_TRL_OPTIONS[name] for name in names}
+
+
+def unused_flags(types: tuple, stage: str | None, replaced: dict[str, str]) -> dict[str, str]:
+    """Flags the parser knows that this stage does not read: name -> why and what to use instead."""
+    unused = dict(replaced)
+    for dtype in types:
+        for item in dataclasses.fields(dtype):
+            stages = item.metadata.get("stages")
+            if stage and stages and stage not in stages:
+                unused[item.name] = f"only the {', '.join(s.upper() for s in stages)} stage(s) read it."
+    return unused
+
+
+# Field metadata MedGPT reads (argparse does not): the stages that read a flag, and the flag it only matters with.
+MEDGPT_METADATA = {"stages", "requires"}
+
+
 class _SharedFieldParser(HfArgumentParser):
     """An HfArgumentParser where a field defined by several dataclasses (e.g. trust_remote_code in
     ModelArguments and TRL's configs) is one flag that fills all of them."""
@@ -279,6 +337,9 @@ class _SharedFieldParser(HfArgumentParser):
     def _parse_dataclass_field(parser, field):
         if any(f"--{field.name}" in action.option_strings for action in parser._actions):
             return
+        if set(field.metadata) & MEDGPT_METADATA:  # ours, not argparse's
+            field = copy.copy(field)
+            field.metadata = {key: value for key, value in field.metadata.items() if key not in MEDGPT_METADATA}
         HfArgumentParser._parse_dataclass_field(parser, field)
 
 
@@ -304,10 +365,14 @@ def cpu_supports_bf16() -> bool:
 
 
 def parse_args(types: tuple, argv: list[str] | None = None, description: str | None = None,
-               defaults: dict[str, Any] | None = None):
+               defaults: dict[str, Any] | None = None, stage: str | None = None,
+               replaced: dict[str, str] | None = None):
     """Parse ``types`` (dataclasses) from ``--config`` YAML and the command line; CLI wins.
 
     ``defaults`` are a stage's own defaults for fields of the config classes (below YAML and CLI).
+    ``stage`` (pt, sft, rm, dpo, grpo, ppo, opd) hides the shared flags whose ``stages`` metadata leaves
+    it out, and ``replaced`` (name -> reason, e.g. ``trl_options(...)``) names options the stage does not
+    read: such a flag is not in --help and is refused when given, on the command line or in the YAML file.
 
     Returns the dataclass instances in order, followed by the resolved config dict.
     """
@@ -316,11 +381,22 @@ def parse_args(types: tuple, argv: list[str] | None = None, description: str | N
     parser.add_argument(
         "--config", default=None, help="YAML file of argument defaults; command-line flags override its values."
     )
+    unused = unused_flags(types, stage, replaced or {})
+    for action in parser._actions:
+        if action.dest in unused:
+            action.help = argparse.SUPPRESS
     known = {action.dest for action in parser._actions}
     values = {key: value for key, value in {**_hardware_defaults(), **(defaults or {})}.items() if key in known}
     config_path = _pop_config(argv)
+    given = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
     if config_path:
-        values.update(_read_config(config_path, {action.dest: action for action in parser._actions}))
+        config = _read_config(config_path, {action.dest: action for action in parser._actions})
+        values.update(config)
+        given |= set(config)
+    refused = [f"--{name}: {parser.prog} does not use it; {unused[name.removeprefix('no_')]}"
+               for name in sorted(given) if name.removeprefix("no_") in unused]
+    if refused:
+        raise SystemExit(f"{parser.prog}: error: " + " ".join(refused))
     parser.set_defaults(**values)
     namespace, extra = parser.parse_known_args(args=argv)
     if extra:

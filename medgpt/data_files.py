@@ -7,6 +7,8 @@ flat however large the files are; small inputs (prompts, evaluation sets, data t
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
 import logging
 import random
@@ -67,62 +69,21 @@ def find_data_files(directory: str | None, files: Sequence[str] | None, extensio
 def read_json_records(paths: Iterable[Path], problems: list[str]) -> list[Record]:
     """Read .jsonl (one object per line) and .json (an array of objects, or JSON lines) files.
 
-    Malformed JSON, non-UTF-8 bytes, empty files and non-object records are added to
-    ``problems`` with their file and line; good records are returned.
+    Every problem (malformed JSON, non-UTF-8 bytes, an empty file, a record that is not an object...) is added
+    to ``problems`` with its file and line, in the words training reports (both read through
+    :func:`_json_rows` and :func:`decode_json_line`); good records are returned.
     """
     records: list[Record] = []
     for path in paths:
-        raw = path.read_bytes()
-        if not raw.strip():
-            problems.append(f"{path}: the file is empty.")
-            continue
-        if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
-            records += _read_json_array(path, raw, problems)
-            continue
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                problems.append(Problem(
-                    f"{where}: not UTF-8 text (byte 0x{line[error.start]:02x} at column {error.start + 1}). "
-                    "Re-save the file as UTF-8.", where, line.decode("utf-8", "replace")))
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                problems.append(Problem(f"{where}: not valid JSON ({error.msg} at column {error.colno}).", where, text))
-                continue
-            if not isinstance(value, dict):
-                problems.append(Problem(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.",
-                                        where, value))
-                continue
-            records.append(Record(where, value))
+        for source, text, problem in _json_rows(path):
+            if not problem:
+                try:
+                    records.append(Record(source, decode_json_line(text)))
+                    continue
+                except ValueError as error:
+                    problem = f"{source}: {error}"
+            problems.append(Problem(problem, source or None, text if source else None))
     return records
-
-
-def _read_json_array(path: Path, raw: bytes, problems: list[str]) -> list[Record]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        problems.append(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}). Re-save the file as UTF-8.")
-        return []
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        problems.append(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}).")
-        return []
-    out = []
-    for index, value in enumerate(values):
-        where = f"{path}[{index}]"
-        if isinstance(value, dict):
-            out.append(Record(where, value))
-        else:
-            problems.append(Problem(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}.", where, value))
-    return out
 
 
 def load_records(paths: Sequence[Path], convert: Callable[[dict], object]) -> list[tuple[str, object]]:
@@ -367,68 +328,215 @@ def file_fingerprint(paths: Sequence[Path]) -> list[list]:
     return [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths]
 
 
-def _raw_rows(paths: list[str], paragraphs: bool, fingerprint: list):
+def _raw_rows(paths: list[str], paragraphs: bool, fingerprint: list | None, version: int | None = None):
     """Rows {source, text, problem} of the files: a JSON line, an element of a .json array, a .txt line
-    (or paragraph). Unreadable lines become rows with a problem; an empty file, a row with no source."""
-    del fingerprint  # only part of the cache key of this generator
+    (or paragraph). Unreadable lines become rows with a problem; a problem of a whole file, a row with no source."""
+    del fingerprint, version  # only part of the cache key of this generator
     for name in paths:
-        path, found = Path(name), False
-        if path.suffix.lower() == ".json" and _starts_with_bracket(path):
-            problems: list[str] = []
-            for record in _read_json_array(path, path.read_bytes(), problems):
-                found = True
-                yield {"source": record.source, "text": json.dumps(record.data, ensure_ascii=False), "problem": ""}
-            for problem in problems:
-                found = True
-                yield {"source": problem.source or "", "text": str(problem.raw or ""), "problem": str(problem)}
-        elif path.suffix.lower() == ".txt":
-            for source, text, problem in _text_rows(path, paragraphs):
-                found = True
-                yield {"source": source, "text": text, "problem": problem}
-        else:
-            with path.open("rb") as stream:
-                for number, line in enumerate(stream, start=1):
-                    if not line.strip():
-                        continue
-                    found, where = True, f"{path}:{number}"
-                    try:
-                        yield {"source": where, "text": line.decode("utf-8").strip(), "problem": ""}
-                    except UnicodeDecodeError as error:
-                        yield {"source": where, "text": line.decode("utf-8", "replace").strip(), "problem":
-                               f"{where}: not UTF-8 text (byte 0x{line[error.start]:02x} at column {error.start + 1}). "
-                               "Re-save the file as UTF-8."}
-        if not found:
-            yield {"source": "", "text": "", "problem": f"{path}: the file is empty."}
+        path = Path(name)
+        rows = _text_rows(path, paragraphs) if path.suffix.lower() == ".txt" else _json_rows(path)
+        for source, text, problem in rows:
+            yield {"source": source, "text": text, "problem": problem}
+
+
+# ---------------------------------------------------------------- decoding: the one copy every reader uses
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """object_pairs_hook: json keeps the last value of a repeated key without a word; refuse the record instead."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {json.dumps(key, ensure_ascii=False)} appears more than once in one object; "
+                         "keep one (JSON readers differ on which one wins).")
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _json_problem(error: Exception) -> str:
+    """What is wrong with a JSON text, for an error of the JSON decoder."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error.msg} at column {error.colno})."
+    if isinstance(error, RecursionError):
+        return "nested too deeply (more levels of {...} and [...] than a JSON reader can follow)."
+    return str(error)  # a repeated key (_unique_keys)
+
+
+def decode_json_line(text: str) -> dict:
+    """The record in a JSON line, or in an element of a .json array: the one JSON decoding of data files (training
+    rows, the data tools, evaluation sets), so all report a problem in the same words. ValueError says what is wrong."""
+    try:
+        value = _DECODER.decode(text)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(_json_problem(error)) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object {{...}}, got {type(value).__name__}.")
+    return value
+
+
+def _utf8(raw: bytes, path: Path, line: int = 1) -> tuple[str, str]:
+    """(text, "") of bytes that start at ``line`` of a file; (text with replacement characters, the problem) if
+    they are not UTF-8."""
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as error:
+        line += raw.count(b"\n", 0, error.start)
+        column = error.start - raw.rfind(b"\n", 0, error.start)
+        return raw.decode("utf-8", "replace"), (f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at "
+                                                f"column {column}). Re-save the file as UTF-8.")
+
+
+# UTF-32 first: its little-endian mark begins with UTF-16's
+_OTHER_ENCODINGS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _encoding_problem(path: Path) -> str:
+    """One problem for a file in UTF-16 or UTF-32 (known by its byte order mark), rather than one for each line."""
+    with path.open("rb") as stream:
+        head = stream.read(4)
+    for mark, encoding in _OTHER_ENCODINGS:
+        if head.startswith(mark):
+            return (f"{path}: the file is {encoding} text (it starts with a {encoding} byte order mark); data files "
+                    f"must be UTF-8. Convert it, e.g. iconv -f {encoding} -t UTF-8 {path} > "
+                    f"{path.with_name(path.stem + '.utf8' + path.suffix)}")
+    return ""
+
+
+def _lines(path: Path):
+    """(line number, bytes) of the file's lines, a UTF-8 byte order mark left out."""
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            yield number, raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
+
+
+def _or_empty(path: Path, rows):
+    """The rows; if there are none, one problem: the file is empty."""
+    found = False
+    for row in rows:
+        found = True
+        yield row
+    if not found:
+        yield "", "", f"{path}: the file is empty."
+
+
+def _json_rows(path: Path):
+    """(source, text, problem) of a .jsonl/.json file: each JSON line, or each element of a .json array, with its
+    text as written (decode_json_line decodes it); a problem of the whole file has no source."""
+    problem = _encoding_problem(path)
+    if problem:
+        yield "", "", problem
+    elif path.suffix.lower() == ".json" and _starts_with_bracket(path):
+        text, problem = _utf8(path.read_bytes().removeprefix(codecs.BOM_UTF8), path)
+        yield from [("", "", problem)] if problem else _or_empty(path, _json_array_rows(path, text))
+    elif path.suffix.lower() == ".json" and (problem := _one_object_problem(path)):
+        yield "", "", problem
+    else:
+        yield from _or_empty(path, _json_lines(path))
+
+
+def _json_lines(path: Path):
+    """(path:line, the line's text, problem) of each line that is not blank."""
+    for number, raw in _lines(path):
+        if raw.strip():
+            text, problem = _utf8(raw, path, number)
+            yield f"{path}:{number}", text.strip(), problem
 
 
 def _starts_with_bracket(path: Path) -> bool:
     with path.open("rb") as stream:
-        return stream.read(4096).lstrip()[:1] == b"["
+        return stream.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
+
+
+_ELEMENT = json.JSONDecoder()  # only finds where each element of an array ends; decode_json_line checks the element
+_SPACE = re.compile(r"\s*")
+
+
+def _json_array_rows(path: Path, text: str):
+    """(source, text, problem) of each element of a .json array: its text as written, decoded later as a JSON line
+    is, so that a bad element is one problem and the others are read. JSON that cannot be followed ends the file
+    with one problem."""
+    position = _SPACE.match(text).end() + 1  # after the [
+    for index in itertools.count():
+        position = _SPACE.match(text, position).end()
+        if index == 0 and text.startswith("]", position):
+            break
+        try:
+            _, end = _ELEMENT.raw_decode(text, position)
+        except (ValueError, RecursionError) as error:
+            line = error.lineno if isinstance(error, json.JSONDecodeError) else text.count("\n", 0, position) + 1
+            yield "", "", f"{path}:{line}: {_json_problem(error)}"
+            return
+        yield f"{path}[{index}]", text[position:end], ""
+        position = _SPACE.match(text, end).end()
+        if not text.startswith(",", position):
+            break
+        position += 1
+    what = "expected ',' or the closing ']'"
+    if text.startswith("]", position):
+        position = _SPACE.match(text, position + 1).end()
+        if position == len(text):
+            return
+        what = "more text after the closing ']'"
+    line, column = text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
+    yield "", "", f"{path}:{line}: not valid JSON ({what} at column {column})."
+
+
+def _one_object_problem(path: Path) -> str:
+    """A .json file holding one object over several lines (e.g. {"data": [...]}) rather than records: one problem
+    for the file, naming the key that holds a list, rather than one for each line."""
+    first = next((raw for _, raw in _lines(path) if raw.strip()), b"")
+    try:
+        json.loads(first)
+        return ""  # JSON lines
+    except (ValueError, RecursionError):
+        pass
+    try:
+        value = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
+    except (ValueError, RecursionError):
+        return ""  # broken JSON: each line says what is wrong
+    if not isinstance(value, dict):
+        return ""
+    lists = [json.dumps(key, ensure_ascii=False) for key, item in value.items() if isinstance(item, list)]
+    hint = (f" Its key {lists[0]} holds a list: if that list is the records, make it the whole file, e.g. "
+            f"jq '.[{lists[0]}]' {path} > {path.with_name(path.stem + '.records.json')}") if lists else ""
+    return (f"{path}: the file holds one JSON object, not records: records must be a top-level list "
+            f"[{{...}}, {{...}}] or JSON lines (one object a line).{hint}")
 
 
 def _text_rows(path: Path, paragraphs: bool):
     """(source, text, problem) of a .txt file: a document a line, or a blank-line separated paragraph."""
+    problem = _encoding_problem(path)
+    if problem:
+        yield "", "", problem
+    else:
+        yield from _or_empty(path, _lines_or_paragraphs(path, paragraphs))
+
+
+def _lines_or_paragraphs(path: Path, paragraphs: bool):
     current, start = [], 0
-    with path.open("rb") as stream:
-        for number, raw in enumerate(stream, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as error:
-                yield (f"{path}:{number}", raw.decode("utf-8", "replace").strip(),
-                       f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}). "
-                       "Re-save the file as UTF-8.")
-                continue
-            if not paragraphs:
-                if line:
-                    yield f"{path}:{number}", line, ""
-            elif line:
-                start = start or number
-                current.append(line)
-            elif current:
-                yield f"{path}:{start}", "\n".join(current), ""
-                current, start = [], 0
+    for number, raw in _lines(path):
+        line, problem = _utf8(raw, path, number)
+        line = line.strip()
+        if problem:
+            yield f"{path}:{number}", line, problem
+        elif not paragraphs:
+            if line:
+                yield f"{path}:{number}", line, ""
+        elif line:
+            start = start or number
+            current.append(line)
+        elif current:
+            yield f"{path}:{start}", "\n".join(current), ""
+            current, start = [], 0
     if current:
         yield f"{path}:{start}", "\n".join(current), ""
+
+
+RAW_ROWS_VERSION = 2  # part of the raw rows' cache key (datasets hashes arguments, not code): bump when _raw_rows changes
 
 
 def raw_records(paths: Sequence[Path], paragraphs: bool = False):
@@ -440,20 +548,15 @@ def raw_records(paths: Sequence[Path], paragraphs: bool = False):
     names = [str(p) for p in paths]
     return datasets.Dataset.from_generator(
         _raw_rows, features=features,
-        gen_kwargs={"paths": names, "paragraphs": paragraphs, "fingerprint": file_fingerprint(paths)})
+        gen_kwargs={"paths": names, "paragraphs": paragraphs, "fingerprint": file_fingerprint(paths),
+                    "version": RAW_ROWS_VERSION})
 
 
 def parse_json_record(example: dict) -> dict:
     """The JSON object of a raw row, or ValueError with what is wrong (the row's own problem first)."""
     if example["problem"]:
         raise ValueError(example["problem"].split(": ", 1)[-1] if example["source"] else example["problem"])
-    try:
-        value = json.loads(example["text"])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno}).") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object {{...}}, got {type(value).__name__}.")
-    return value
+    return decode_json_line(example["text"])
 
 
 def mix_plan(sizes: Sequence[int], weights: Sequence[float], size: int | None = None) -> list[int]:
@@ -518,10 +621,11 @@ def load_splits(data_args, what: str, seed: int, extensions: Sequence[str] = (".
         held = max(1, int(len(train) * data_args.validation_split_percentage / 100))
         parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
         train, validation = parts["train"], parts["test"]
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(len(train), data_args.max_train_samples)))
-    if validation is not None and data_args.max_eval_samples is not None:
-        validation = validation.select(range(min(len(validation), data_args.max_eval_samples)))
+    train_limit, eval_limit = data_args.max_train_samples, data_args.max_eval_samples
+    if train_limit is not None:
+        train = train.select(range(min(len(train), train_limit)))
+    if validation is not None and eval_limit is not None:
+        validation = validation.select(range(min(len(validation), eval_limit)))
     if invalid is not None:
         invalid.total += len(train) + (len(validation) if validation is not None else 0)
     logger.info("%s: %d training and %d validation records", what, len(train),
@@ -545,6 +649,6 @@ def take_problems(dataset, invalid: InvalidRecords) -> None:
     for row in dataset.select(flagged).select_columns(["source", "text", "problem"]):
         try:
             raw = json.loads(row["text"])
-        except (json.JSONDecodeError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # the text as it is, when it is not JSON
             raw = row["text"]
         invalid.add(Problem(row["problem"], row["source"] or None, raw))

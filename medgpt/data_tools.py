@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from medgpt.args import ModelArguments, parse_args
 from medgpt.chat_template import inline_reasoning
@@ -107,18 +108,51 @@ def read_checked(paths: list[Path], kind: str) -> tuple[list[tuple[Record, str, 
 
 def _fail(problems: list[str], what: str) -> None:
     if problems:
-        raise DataError(problems, what=what)
+        raise DataError(problems, what=what, outcome="nothing was written")
+
+
+def overwrite_field():
+    return field(default=False, metadata={
+        "help": "Write the output even when it is one of the inputs or lies in an input folder (refused otherwise: "
+                "it would replace the records read, or be read back as input next time)."})
+
+
+def refuse_overwriting_inputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[str], files: Sequence[Path],
+                              overwrite: bool) -> None:
+    """Stop, naming the flag and the file, when an output (flag, path) is one of the input files or lies in an input
+    folder, links followed; ``--overwrite true`` allows it."""
+    folders = [Path(name) for name in inputs if Path(name).is_dir()]
+    sources = {path.resolve(): path for path in files}
+    for flag, output in outputs:
+        if output and Path(output).is_dir():
+            raise SystemExit(f"{flag} {output} is a folder: give the path of a .jsonl file.")
+        if not output or overwrite:
+            continue
+        target = Path(output).resolve()
+        if target in sources:
+            raise SystemExit(f"{flag} {output} is the input file {sources[target]}: writing it would replace the records "
+                             "read from it. Write to another file, or pass --overwrite true.")
+        for folder in folders:
+            if target.is_relative_to(folder.resolve()):
+                raise SystemExit(f"{flag} {output} is inside the input folder {folder}: a later run on that folder "
+                                 "would read it back as input. Write elsewhere, or pass --overwrite true.")
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Write to a temporary file first, so an interrupted run never leaves a half-written output."""
+    """Write through a temporary file in the same folder, renamed at the end (os.replace): an interrupted run
+    leaves the previous file (or none), never a half-written one."""
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    with partial.open("w", encoding="utf-8") as sink:
-        for row in rows:
-            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-    partial.replace(output)
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as sink:
+            for row in rows:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- validate
@@ -139,6 +173,7 @@ class ValidateArguments:
                 "each invalid one, with its file:line and the reason, to OUTPUT.invalid_records.jsonl (exit status 0)."})
     output: str | None = field(default=None, metadata={
         "help": "With --on_invalid_record skip: the .jsonl file for the clean records (as they were written)."})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self):
         if self.kind not in ("auto", *CONVERTERS):
@@ -149,15 +184,22 @@ class ValidateArguments:
             raise ValueError("--on_invalid_record skip writes the clean records: give --output FILE.jsonl.")
 
 
+def invalid_records_path(output: str) -> Path:
+    return Path(output).with_suffix(".invalid_records.jsonl")
+
+
 def validate(args: ValidateArguments) -> int:
     paths = expand_inputs(args.inputs, (*JSON_EXTENSIONS, ".txt"))
+    if args.on_invalid_record == "skip":
+        refuse_overwriting_inputs([("--output", args.output), ("--output", str(invalid_records_path(args.output)))],
+                                  args.inputs, paths, args.overwrite)
     checked, problems = read_checked(paths, args.kind)
     per_file = Counter((record.source.rsplit(":", 1)[0].split("[")[0], kind) for record, kind, _ in checked)
     for (path, kind), count in sorted(per_file.items()):
         print(f"{path}: {count} {kind} records")
     if args.on_invalid_record == "skip":
         write_jsonl(args.output, [record.data for record, _, _ in checked])
-        rejected = Path(args.output).with_suffix(".invalid_records.jsonl")
+        rejected = invalid_records_path(args.output)
         write_jsonl(str(rejected), [{"source": p.source, "reason": str(p)[len(p.source) + 2:], "record": p.raw}
                                     if getattr(p, "source", None) else {"source": None, "reason": str(p), "record": None}
                                     for p in problems])
@@ -165,7 +207,11 @@ def validate(args: ValidateArguments) -> int:
               f"file:line and reason, to {rejected}.")
         return 0
     if problems:
-        print(DataError(problems, what="data"), file=sys.stderr)
+        invalid = sum(1 for p in problems if getattr(p, "source", None))
+        outcome = f"validated {len(paths)} file(s): {len(checked)} valid and {invalid} invalid record(s)"
+        if len(problems) > invalid:
+            outcome += f", {len(problems) - invalid} problem(s) with a whole file"
+        print(DataError(problems, what="data", outcome=outcome), file=sys.stderr)
         return 1
     print(f"OK: {len(checked)} records in {len(paths)} files, no problems.")
     return 0
@@ -254,6 +300,7 @@ class ConvertArguments:
                 "question/response_chosen/response_rejected) or trl (preference only: prompt/chosen/rejected "
                 "message lists)."})
     kind: str = field(default="auto", metadata={"help": "auto (per record), sft or preference."})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self):
         if self.to not in TARGETS:
@@ -272,14 +319,16 @@ def convert_record(record: Record, kind: str, converted, target: str) -> dict:
 
 
 def convert(args: ConvertArguments) -> int:
-    checked, problems = read_checked(expand_inputs(args.inputs, JSON_EXTENSIONS), args.kind)
+    paths = expand_inputs(args.inputs, JSON_EXTENSIONS)
+    refuse_overwriting_inputs([("--output", args.output)], args.inputs, paths, args.overwrite)
+    checked, problems = read_checked(paths, args.kind)
     rows = []
     for record, kind, converted in checked:
         try:
             rows.append(convert_record(record, kind, converted, args.to))
         except ValueError as error:
             problems.append(f"{record.source}: {error}")
-    _fail(problems, "input; nothing was written")
+    _fail(problems, "input")
     write_jsonl(args.output, rows)
     kinds = Counter(kind for _, kind, _ in checked)
     print(f"Wrote {len(rows)} records ({', '.join(f'{n} {k}' for k, n in kinds.items())}) as {args.to} to {args.output}")
@@ -331,13 +380,15 @@ class DedupArguments:
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations (more: more exact, slower)."})
     kind: str = field(default="auto", metadata={"help": "auto (per record), sft, preference, question or text."})
     seed: int = field(default=42, metadata={"help": "MinHash seed."})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self):
         if not 0 < self.threshold <= 1:
             raise ValueError(f"--threshold {self.threshold}: must be in (0, 1].")
         if self.shingle_size < 1 or self.num_perm < 2:
             raise ValueError("--shingle_size must be at least 1 and --num_perm at least 2.")
-        if self.removed_output and Path(self.removed_output).resolve() == Path(self.output).resolve():
+        self.removed_output = self.removed_output or re.sub(r"(\.jsonl?)?$", ".removed.jsonl", self.output, count=1)
+        if Path(self.removed_output).resolve() == Path(self.output).resolve():
             raise ValueError(f"--removed_output {self.removed_output} is --output: the kept records would be "
                              "overwritten. Give it another file.")
 
@@ -369,19 +420,21 @@ def find_duplicates(texts: list[str], args: DedupArguments) -> dict[int, tuple[i
 
 
 def dedup(args: DedupArguments) -> int:
-    checked, problems = read_checked(expand_inputs(args.inputs, (*JSON_EXTENSIONS, ".txt")), args.kind)
-    _fail(problems, "input; nothing was written")
+    paths = expand_inputs(args.inputs, (*JSON_EXTENSIONS, ".txt"))
+    refuse_overwriting_inputs([("--output", args.output), ("--removed_output", args.removed_output)], args.inputs,
+                              paths, args.overwrite)
+    checked, problems = read_checked(paths, args.kind)
+    _fail(problems, "input")
     duplicates = find_duplicates([record_text(kind, converted) for _, kind, converted in checked], args)
     kept = [record.data for index, (record, _, _) in enumerate(checked) if index not in duplicates]
     removed = [{**checked[index][0].data, "duplicate_of": checked[first][0].source, "duplicate": how,
                 "source_line": checked[index][0].source} for index, (first, how) in sorted(duplicates.items())]
-    removed_path = args.removed_output or re.sub(r"(\.jsonl?)?$", ".removed.jsonl", args.output, count=1)
     write_jsonl(args.output, kept)
-    write_jsonl(removed_path, removed)
+    write_jsonl(args.removed_output, removed)
     counts = Counter(how for _, how in duplicates.values())
     print(f"{len(checked)} records: {counts['exact']} exact and {counts['near']} near duplicates removed "
           f"(threshold {args.threshold}), {len(kept)} kept.")
-    print(f"Kept -> {args.output}; removed (with the record each repeats) -> {removed_path}")
+    print(f"Kept -> {args.output}; removed (with the record each repeats) -> {args.removed_output}")
     return 0
 
 
@@ -402,6 +455,7 @@ class MixArguments:
     allow_repeats: bool = field(default=True, metadata={
         "help": "When --size needs more records than a source has, repeat its records (reported). False: an error."})
     seed: int = field(default=42, metadata={"help": "Random seed for sampling and shuffling."})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self):
         if self.size is not None and self.size < 1:
@@ -424,12 +478,15 @@ class MixArguments:
 
 def mix(args: MixArguments) -> int:
     sources = args.parsed_sources()
+    files = [expand_inputs([path], JSON_EXTENSIONS, "--sources") for path, _ in sources]
+    refuse_overwriting_inputs([("--output", args.output)], [path for path, _ in sources],
+                              [path for paths in files for path in paths], args.overwrite)
     pools, problems = [], []
-    for path, _ in sources:
-        checked, found = read_checked(expand_inputs([path], JSON_EXTENSIONS, "--sources"), "auto")
+    for paths in files:
+        checked, found = read_checked(paths, "auto")
         problems += found
         pools.append(checked)
-    _fail(problems, "sources; nothing was written")
+    _fail(problems, "sources")
     kinds = {kind for pool in pools for _, kind, _ in pool}
     if len(kinds) != 1:
         raise SystemExit(f"--sources mix kinds of data ({', '.join(sorted(kinds))}); mix one kind at a time.")
@@ -497,6 +554,7 @@ class SelfInstructArguments:
     max_passages: int | None = field(default=None, metadata={"help": "Use only the first N passages (quick runs)."})
     batch_size: int = field(default=4, metadata={"help": "Passages generated for together."})
     seed: int = field(default=42, metadata={"help": "Random seed for sampling."})
+    overwrite: bool = overwrite_field()
 
 
 def self_instruct(model_args: ModelArguments, generation_args: GenerationArguments, args: SelfInstructArguments) -> int:
@@ -508,7 +566,9 @@ def self_instruct(model_args: ModelArguments, generation_args: GenerationArgumen
 
     passages: list[Chunk] = []
     problems = []
-    for path in expand_inputs(args.inputs, DOCUMENT_EXTENSIONS):
+    documents = expand_inputs(args.inputs, DOCUMENT_EXTENSIONS)
+    refuse_overwriting_inputs([("--output", args.output)], args.inputs, documents, args.overwrite)
+    for path in documents:
         try:
             passages += chunk_document(path, str(path), args.chunk_size, 0)
         except ValueError as error:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,14 +208,37 @@ def chunk_document(path: Path, source: str, chunk_size: int, overlap: int) -> li
 
 
 def find_documents(kb_dir: str) -> list[Path]:
-    return find_files([kb_dir], DOCUMENT_EXTENSIONS, "--kb_dir", kind="folder")
+    """The documents in the folder and its subfolders. A link (to a file or a folder) that leads out of the folder
+    is never followed: each is logged as skipped, with a count; files of other types are logged by find_files."""
+    root = Path(kb_dir).resolve()
+    documents = find_files([kb_dir], DOCUMENT_EXTENSIONS, "--kb_dir", kind="folder")
+    outside = sorted(p for p in Path(kb_dir).rglob("*") if p.is_symlink() and _leads_outside(p, root))
+    for link in outside:
+        logger.warning("--kb_dir %s: skipped %s, a link to %s outside the folder (not read).", kb_dir, link,
+                       os.readlink(link))
+    if outside:
+        logger.warning("--kb_dir %s: skipped %d link(s) that lead outside the folder; copy a document into the "
+                       "folder to index it.", kb_dir, len(outside))
+    documents = [p for p in documents if not _leads_outside(p, root)]
+    if not documents:
+        raise DataError([f"--kb_dir {kb_dir}: no {'/'.join(DOCUMENT_EXTENSIONS)} documents inside the folder "
+                         f"({len(outside)} link(s) leading outside it skipped)."], what="knowledge base")
+    return documents
 
 
-def chunk_documents(kb_dir: str, chunk_size: int, overlap: int) -> list[Chunk]:
-    """Every document of the folder cut into passages; every unreadable file reported at once."""
+def _leads_outside(path: Path, root: Path) -> bool:
+    try:
+        return not path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a loop of links leads nowhere to read
+        return True
+
+
+def chunk_documents(kb_dir: str, chunk_size: int, overlap: int, documents: list[Path] | None = None) -> list[Chunk]:
+    """Every document of the folder (``documents``: as found by find_documents) cut into passages; every
+    unreadable file reported at once."""
     root = Path(kb_dir)
     chunks, problems = [], []
-    for path in find_documents(kb_dir):
+    for path in find_documents(kb_dir) if documents is None else documents:
         try:
             found = chunk_document(path, path.relative_to(root).as_posix(), chunk_size, overlap)
         except ValueError as error:
@@ -251,6 +275,12 @@ def tokenize(text: str) -> list[str]:
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_digests(kb_dir: str, documents: list[Path] | None = None) -> dict[str, str]:
+    """Each document's path in the folder and the hash of its contents: what a saved index was built from."""
+    return {p.relative_to(kb_dir).as_posix(): file_digest(p)
+            for p in (find_documents(kb_dir) if documents is None else documents)}
 
 
 def resolve_embedding_model(name: str) -> str:
@@ -318,14 +348,14 @@ class KnowledgeBase:
                                               show_progress_bar=len(texts) > 64), dtype=np.float32)
 
     @classmethod
-    def build(cls, args: RagArguments) -> "KnowledgeBase":
-        chunks = chunk_documents(args.kb_dir, args.chunk_size, args.chunk_overlap)
+    def build(cls, args: RagArguments, documents: list[Path] | None = None) -> "KnowledgeBase":
+        chunks = chunk_documents(args.kb_dir, args.chunk_size, args.chunk_overlap, documents)
         knowledge_base = cls(chunks, args)
         if args.dense:
             knowledge_base.embeddings = knowledge_base.embed([cls._indexed_text(c) for c in chunks])
         return knowledge_base
 
-    def save(self, index_dir: str) -> None:
+    def save(self, index_dir: str, documents: list[Path] | None = None) -> None:
         """Write passages, embeddings and the manifest; the manifest last, so a half-written index is never reused."""
         folder = Path(index_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -337,21 +367,19 @@ class KnowledgeBase:
             np.save(folder / "embeddings.npy", self.embeddings)
         manifest = {"version": INDEX_VERSION, "kb_dir": str(Path(self.args.kb_dir).resolve()),
                     "settings": self.args.index_settings(), "chunks": len(self.chunks),
-                    "files": {p.relative_to(self.args.kb_dir).as_posix(): file_digest(p)
-                              for p in find_documents(self.args.kb_dir)}}
+                    "files": file_digests(self.args.kb_dir, documents)}
         (folder / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
 
     @classmethod
-    def load(cls, args: RagArguments) -> "KnowledgeBase | None":
+    def load(cls, args: RagArguments, documents: list[Path] | None = None) -> "KnowledgeBase | None":
         """The saved index, if it was built from the same documents with the same settings; else None."""
         folder = Path(args.index_dir)
         try:
             manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        files = {p.relative_to(args.kb_dir).as_posix(): file_digest(p) for p in find_documents(args.kb_dir)}
         if (manifest.get("version") != INDEX_VERSION or manifest.get("settings") != args.index_settings()
-                or manifest.get("files") != files):
+                or manifest.get("files") != file_digests(args.kb_dir, documents)):
             return None
         with (folder / "chunks.jsonl").open(encoding="utf-8") as source:
             rows = [json.loads(line) for line in source]
@@ -389,15 +417,16 @@ class KnowledgeBase:
 
 def open_knowledge_base(args: RagArguments) -> KnowledgeBase:
     """Load the saved index if it matches the documents and settings; otherwise build and save it."""
+    documents = find_documents(args.kb_dir)  # once: its report of skipped files is logged once
     if not args.rebuild:
-        knowledge_base = KnowledgeBase.load(args)
+        knowledge_base = KnowledgeBase.load(args, documents)
         if knowledge_base is not None:
             logger.info("Loaded the index of %d passages from %s", len(knowledge_base.chunks), args.index_dir)
             return knowledge_base
         if (Path(args.index_dir) / "manifest.json").exists():
             logger.info("The documents or settings changed since %s was built; rebuilding it.", args.index_dir)
-    knowledge_base = KnowledgeBase.build(args)
-    knowledge_base.save(args.index_dir)
+    knowledge_base = KnowledgeBase.build(args, documents)
+    knowledge_base.save(args.index_dir, documents)
     logger.info("Indexed %d passages from %d documents into %s", len(knowledge_base.chunks),
                 len({c.source for c in knowledge_base.chunks}), args.index_dir)
     return knowledge_base

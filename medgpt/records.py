@@ -23,7 +23,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from medgpt.tool_calls import normalize_call, normalize_tools
 
@@ -69,12 +69,13 @@ class Conversation(list):
 class DataError(ValueError):
     """Problems found in the user's data, all of them, one per line."""
 
-    def __init__(self, problems: Sequence[str], what: str = "data", kept: list | None = None):
+    def __init__(self, problems: Sequence[str], what: str = "data", kept: list | None = None,
+                 outcome: str = "nothing was trained"):
         self.problems = list(problems)
         self.kept = kept  # the good records, when every problem is one record's (--on_invalid_record skip)
         shown = self.problems[:MAX_REPORTED_PROBLEMS]
         more = len(self.problems) - len(shown)
-        text = f"Found {len(self.problems)} problem(s) in the {what}; nothing was trained. Fix these and rerun:\n"
+        text = f"Found {len(self.problems)} problem(s) in the {what}; {outcome}. Fix these and rerun:\n"
         text += "\n".join(f"  - {p}" for p in shown)
         if more:
             text += f"\n  ... and {more} more of the same kinds (the first {len(shown)} are shown)."
@@ -246,28 +247,32 @@ def _alpaca_messages(data: dict) -> list[dict]:
     return messages
 
 
-def check_turn_order(messages: Sequence[dict], last_role: str = "assistant") -> None:
+def check_turn_order(messages: Sequence[dict], last_role: str = "assistant",
+                     where: Callable[[int], str] | None = None) -> None:
     """A system message only first, then user and assistant turns alternating from user. An assistant turn
     that calls tools is followed by one tool result per call, then the assistant continues. The conversation
-    ends with ``last_role`` ("user" for a prompt, where ending on tool results is also a prompt)."""
-    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    ends with ``last_role`` ("user" for a prompt, where ending on tool results is also a prompt).
+    ``where(i)`` names ``messages[i]`` in the errors (default "turn N", counted after the system message)."""
+    offset = 1 if messages and messages[0]["role"] == "system" else 0
+    where = where or (lambda position: f"turn {position + 1 - offset}")
+    turns = messages[offset:]
     if not turns:
         raise ValueError("has no user or assistant turns.")
     expected, pending = "user", 0
     for index, message in enumerate(turns):
         role = message["role"]
-        previous = turns[index - 1]["role"] if index else "the start"
+        previous = messages[offset + index - 1]["role"] if offset + index else "the start"
         if pending:
             if role != "tool":
-                raise ValueError(f"turn {index + 1}: a tool call needs its result (an observation/tool turn) next, "
-                                 f"got {role}. Add the tool's result after each call.")
+                raise ValueError(f"{where(offset + index)}: a tool call needs its result (an observation/tool turn) "
+                                 f"next, got {role}. Add the tool's result after each call.")
             pending -= 1
             expected = "tool" if pending else "assistant"
             continue
         if role != expected:
             want = "a tool result" if expected == "tool" else expected
             raise ValueError(
-                f"roles out of order at turn {index + 1}: expected {want} after {previous}, got "
+                f"roles out of order at {where(offset + index)}: expected {want} after {previous}, got "
                 f"{role}. Turns must alternate user, assistant, user, ... (a system turn only first; a tool "
                 "result only right after the call)."
             )
@@ -284,7 +289,8 @@ def check_turn_order(messages: Sequence[dict], last_role: str = "assistant") -> 
         if last["role"] != "assistant":
             raise ValueError("the conversation has no assistant reply at the end; add the answer or drop the last question.")
     elif last["role"] not in (last_role, "tool") or pending:
-        raise ValueError(f"the prompt must end with a {last_role} turn.")
+        raise ValueError(f"the prompt must end with a {last_role} turn or tool results, not with {last['role']} "
+                         f"({where(len(messages) - 1)}).")
 
 
 def conversation_from_record(data: dict) -> Conversation:

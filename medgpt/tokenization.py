@@ -42,7 +42,7 @@ from medgpt.records import (
 
 logger = logging.getLogger(__name__)
 
-DATA_FORMAT_VERSION = 3  # part of every cache key: bump when what the builders write changes
+DATA_FORMAT_VERSION = 4  # part of every cache key: bump when what the builders write changes
 
 
 def _where(example: dict, error: Exception) -> str:
@@ -179,7 +179,24 @@ def _answer_text(answer: str, tokenizer) -> str:
 _EMPTY_PAIR = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt": "", "chosen": "", "rejected": ""}
 
 
-def _pair_example(example, template, tokenizer, max_length):
+def truncate_pair(tokens: dict, max_length: int, max_prompt_length: int | None) -> tuple[dict, str]:
+    """A pair cut to ``max_length`` tokens (prompt + the longer answer) the way TRL's preference trainers cut:
+    the prompt keeps its end (the latest turns), at most ``max_prompt_length`` tokens (default half of
+    max_length) and only as much as the answers need; the answers keep their start. Returns the pair and
+    what was cut: "" (nothing), "prompt", or "answer" (an answer lost its end, and so its end-of-turn token)."""
+    prompt, answers = tokens["prompt_ids"], (tokens["chosen_ids"], tokens["rejected_ids"])
+    longest = max(map(len, answers))
+    if len(prompt) + longest <= max_length:
+        return tokens, ""
+    prompt_limit = min(max_prompt_length or max_length // 2, max_length - 1)
+    keep = max(prompt_limit, max_length - longest)  # the prompt gives up only what the answers need
+    prompt = prompt[-keep:] if len(prompt) > keep else prompt
+    room = max_length - len(prompt)
+    cut = {"prompt_ids": prompt, "chosen_ids": answers[0][:room], "rejected_ids": answers[1][:room]}
+    return cut, "answer" if longest > room else "prompt"
+
+
+def _pair_example(example, template, tokenizer, max_length, max_prompt_length, overlong_policy):
     try:
         pair = preference_from_record(parse_json_record(example))
         if _same_answer(pair["chosen"], pair["rejected"]):
@@ -187,9 +204,15 @@ def _pair_example(example, template, tokenizer, max_length):
         tokens = tokenize_pair(template, tokenizer, pair)
     except ValueError as error:
         return {**_EMPTY_PAIR, "status": "invalid", "problem": _where(example, error), "text": example["text"]}
-    longest = len(tokens["prompt_ids"]) + max(len(tokens["chosen_ids"]), len(tokens["rejected_ids"]))
-    status = "too_long" if max_length is not None and longest > max_length else "kept"
-    return {**tokens, "status": status, "problem": "", "text": ""}
+    if max_length is None:
+        return {**tokens, "status": "kept", "problem": "", "text": ""}
+    cut_ids, cut = truncate_pair(tokens, max_length, max_prompt_length)
+    if cut and overlong_policy == "skip":
+        return {**tokens, "status": "too_long", "problem": "", "text": ""}
+    if cut:  # the text columns (for trainers that tokenize text) say what the ids say
+        tokens = {**cut_ids, **{key.removesuffix("_ids"): tokenizer.decode(ids) for key, ids in cut_ids.items()}}
+    return {**tokens, "status": {"": "kept", "prompt": "prompt_cut", "answer": "answer_cut"}[cut], "problem": "",
+            "text": ""}
 
 
 def _kto_batch(batch, template, tokenizer):
@@ -249,34 +272,44 @@ def build_kto_dataset(raw, tokenizer, template, name: str = "train", invalid: In
 
 
 def build_preference_dataset(raw, tokenizer, template, max_length: int | None, name: str = "train",
-                             invalid: InvalidRecords | None = None, num_proc: int | None = None, kind: str = "dpo"):
+                             invalid: InvalidRecords | None = None, num_proc: int | None = None, kind: str = "dpo",
+                             max_prompt_length: int | None = None, overlong_policy: str = "truncate"):
     """Preference pairs tokenized by the stage's template. ``kind``: ``dpo`` gives ``prompt_ids``, ``chosen_ids``,
     ``rejected_ids`` (the answers' own tokens, as DPOTrainer takes them); ``reward`` gives whole sequences
     ``chosen_ids``/``rejected_ids`` (RewardTrainer); ``text`` the rendered ``prompt``/``chosen``/``rejected``
     strings (for trainers that tokenize text themselves).
 
-    Pairs whose answers are identical teach nothing and pairs longer than ``max_length`` tokens
-    would be silently dropped or cut by TRL; both are skipped here, counted and logged by source.
-    Pairs that are not valid records, or that the template cannot render, are invalid records.
+    Pairs longer than ``max_length`` tokens are cut as TRL cuts them (``truncate_pair``), or skipped with
+    ``overlong_policy="skip"``; either way counted and logged with their file:line. Pairs whose answers are
+    identical teach nothing and are skipped. Pairs that are not valid records, or that the template cannot
+    render, are invalid records.
     """
     invalid = invalid if invalid is not None else InvalidRecords()
-    function = partial(_pair_example, template=template, tokenizer=tokenizer, max_length=max_length)
+    function = partial(_pair_example, template=template, tokenizer=tokenizer, max_length=max_length,
+                       max_prompt_length=max_prompt_length, overlong_policy=overlong_policy)
     tokenized = raw.map(
         function, num_proc=num_proc, desc=f"Tokenizing {name} preference pairs",
         features=_int_features(source="str", text="str", problem="str", prompt_ids="int", chosen_ids="int",
                                rejected_ids="int", prompt="str", chosen="str", rejected="str", status="str"),
         new_fingerprint=_digest(raw._fingerprint, "pairs", template_id(template), tokenizer_id(tokenizer), max_length,
-                                DATA_FORMAT_VERSION),
+                                max_prompt_length, overlong_policy, DATA_FORMAT_VERSION),
     )
     take_problems(tokenized, invalid)
     found = _count(tokenized, "status")
-    for status, why in (("identical", "chosen and rejected are identical"),
-                        ("too_long", f"longer than max_length={max_length} tokens (raise --max_length)")):
+    limits = f"--max_length {max_length}, --max_prompt_length {max_prompt_length or (max_length or 0) // 2}"
+    for status, how in (
+            ("identical", "skipped {n} pair(s) whose chosen and rejected answers are identical"),
+            ("too_long", "skipped {n} pair(s) longer than --max_length " + str(max_length) + " (--overlong_policy "
+                         "skip; the default, truncate, cuts them instead)"),
+            ("prompt_cut", "truncated {n} pair(s) to " + limits + ": the prompt keeps its latest turns"),
+            ("answer_cut", "truncated {n} pair(s) to " + limits + " with an answer cut short: those answers lose "
+                           "their end-of-turn token, which teaches answers that never end. Raise --max_length (or "
+                           "lower --max_prompt_length) if many answers are cut")):
         if found.get(status):
             sources = tokenized.select(_indices(tokenized, "status", [status])[:10])["source"]
-            logger.warning("%s: skipped %d pair(s), %s: %s%s", name, found[status], why, ", ".join(sources),
+            logger.warning("%s: %s: %s%s", name, how.format(n=found[status]), ", ".join(sources),
                            " ..." if found[status] > 10 else "")
-    kept = tokenized.select(_indices(tokenized, "status", ["kept"]))
+    kept = tokenized.select(_indices(tokenized, "status", ["kept", "prompt_cut", "answer_cut"]))
     if len(kept) == 0:
         invalid.raise_now()
         raise DataError([f"no usable {name} preference pairs remain after skipping the ones above"], what=f"{name} data")
@@ -285,7 +318,8 @@ def build_preference_dataset(raw, tokenizer, template, max_length: int | None, n
                                    "rejected_ids": x["prompt_ids"] + x["rejected_ids"]}, desc="Joining prompts")
     columns = {"text": ["prompt", "chosen", "rejected"], "reward": ["chosen_ids", "rejected_ids"]}.get(
         kind, ["prompt_ids", "chosen_ids", "rejected_ids"])
-    counts = {"kept": len(kept), "skipped_identical": found.get("identical", 0),
+    counts = {"kept": len(kept), "truncated": found.get("prompt_cut", 0) + found.get("answer_cut", 0),
+              "answers_cut": found.get("answer_cut", 0), "skipped_identical": found.get("identical", 0),
               "skipped_too_long": found.get("too_long", 0)}
     return kept.select_columns(columns), counts
 
@@ -443,8 +477,9 @@ def prepare_cached(what: str, key: list, build: Callable[[], tuple[dict, dict]],
 
     folder = data_cache_root(data_args) / _digest(key, DATA_FORMAT_VERSION)
     done = folder / "meta.json"
+    rebuild = data_args.overwrite_cache and training_args.local_process_index == 0  # the others load its result
     with training_args.main_process_first(desc=f"preparing {what}"):
-        if done.is_file() and not data_args.overwrite_cache:
+        if done.is_file() and not rebuild:
             meta = json.loads(done.read_text(encoding="utf-8"))
             prepared = {name: datasets.load_from_disk(str(folder / name)) if present else None
                         for name, present in meta["splits"].items()}
@@ -516,7 +551,8 @@ def prepare_preference_data(data_args, training_args, tokenizer, template, inval
     """Preference datasets for RM (``kind="reward"``), DPO (``"dpo"``), ORPO/SimPO (``"text"``) or KTO (``"kto"``:
     rated answers and pairs split in two); cached."""
     max_length = training_args.max_length
-    options = dict(invalid=invalid, num_proc=data_args.preprocessing_num_workers, kind=kind)
+    options = dict(invalid=invalid, num_proc=data_args.preprocessing_num_workers, kind=kind,
+                   max_prompt_length=data_args.max_prompt_length, overlong_policy=data_args.overlong_policy)
 
     def build():
         train_raw, eval_raw = load_splits(data_args, "preference data", training_args.seed, invalid=invalid)
@@ -537,7 +573,8 @@ def prepare_preference_data(data_args, training_args, tokenizer, template, inval
         return {"train": train, "validation": validation}, counts
 
     key = ["pairs", kind, data_sources_id(data_args, training_args.seed, (".jsonl", ".json")),
-           tokenizer_id(tokenizer), template_id(template), max_length]
+           tokenizer_id(tokenizer), template_id(template), max_length, data_args.max_prompt_length,
+           data_args.overlong_policy]
     prepared, counts = prepare_cached("preference data", key, build, data_args, training_args, invalid)
     return prepared["train"], prepared["validation"], counts
 

@@ -1,6 +1,8 @@
 """Every script answers --help; configs parse; unknown keys and flags are errors with a hint."""
 
 
+import re
+
 import pytest
 import yaml
 
@@ -211,3 +213,75 @@ def test_bad_flags_and_models_end_with_a_message_naming_them(script, flags, mess
         run_cli(importlib.import_module(script).main)
     assert message in str(ended.value)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+STAGE_MODULES = ["pretraining", "supervised_finetuning", "reward_modeling", "dpo_training", "grpo_training",
+                 "ppo_training", "opd_training"]
+
+
+@pytest.mark.parametrize("script", STAGE_MODULES)
+def test_flags_a_stage_does_not_read_are_hidden_and_refused(script, tmp_path, capsys):
+    """Shared flags outside a stage's `stages` and TRL options the stage does itself: not in --help, and a
+    one-line refusal with the reason, from the command line and from a YAML file alike."""
+    import importlib
+
+    from medgpt.args import unused_flags
+
+    module = importlib.import_module(script)
+    calls = []
+    real = module.parse_args
+
+    def spy(types, *args, **kwargs):
+        calls.append((types, kwargs.get("stage"), kwargs.get("replaced") or {}))
+        return real(types, *args, **kwargs)
+
+    module.parse_args = spy
+    try:
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+    finally:
+        module.parse_args = real
+    shown = capsys.readouterr().out
+    types, stage, replaced = calls[0]
+    unused = unused_flags(types, stage, replaced)
+    assert stage and unused  # every stage has some
+    config = tmp_path / "c.yaml"
+    for name, why in unused.items():
+        assert not re.search(rf"^\s+--{name}[ ,]", shown, flags=re.M), name
+        with pytest.raises(SystemExit, match=f"--{name}: \\S+ does not use it; {re.escape(why)}"):
+            module.main([f"--{name}", "1", "--output_dir", str(tmp_path)])
+    name = sorted(unused)[0]
+    config.write_text(f"{name}: 1\n")
+    with pytest.raises(SystemExit, match=f"--{name}: \\S+ does not use it"):
+        module.main(["--config", str(config), "--output_dir", str(tmp_path)])
+
+
+def test_each_stage_shows_the_data_flags_it_reads():
+    """Spot checks of the `stages` metadata: streaming for PT/SFT only, pair truncation for RM/DPO."""
+    from medgpt.args import DataArguments, unused_flags
+
+    hidden = {stage: set(unused_flags((DataArguments,), stage, {})) for stage in ("pt", "sft", "rm", "dpo", "grpo")}
+    assert "streaming" not in hidden["pt"] | hidden["sft"] and "streaming" in hidden["rm"] & hidden["dpo"]
+    assert "max_prompt_length" not in hidden["rm"] | hidden["dpo"] and "max_prompt_length" in hidden["sft"]
+    assert "train_on_reasoning" in hidden["pt"] & hidden["grpo"] and "overlong_policy" in hidden["pt"]
+
+
+def test_hostile_data_ends_in_a_message_and_loses_nothing(tiny_model_dir, tmp_path):
+    """From the command line: a mix that would overwrite its input, records nested too deeply or with a
+    repeated key; each ends in one message naming the file (and line), no traceback, the input intact."""
+    source = tmp_path / "f.jsonl"
+    source.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(10)))
+    before = source.read_bytes()
+    result = run_script("-m", "medgpt.data_tools", "mix", "--sources", f"{source}=1.0", "--size", "2",
+                        "--output", str(source), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--output {source} is the input file" in result.stderr and source.read_bytes() == before
+    deep, repeated = tmp_path / "deep.jsonl", tmp_path / "dup.jsonl"
+    deep.write_text('{"instruction": "q", "output": "a"}\n' + '{"a":' * 100000 + "\n")
+    repeated.write_text('{"instruction": "a", "instruction": "b", "output": "c"}\n')
+    result = run_script("supervised_finetuning.py", "--model_name_or_path", str(tiny_model_dir), "--train_files",
+                        str(deep), str(repeated), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                        check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Found 2 problem(s)" in result.stderr and f"{deep}:2: nested too deeply" in result.stderr
+    assert f'{repeated}:1: the key "instruction" appears more than once' in result.stderr

@@ -158,3 +158,84 @@ def test_top_level_system_and_question_answer_history_are_kept_not_dropped():
         conversation_from_record(twice)
     with pytest.raises(ValueError, match="has both 'conversations' and 'instruction'"):
         conversation_from_record({**sharegpt, "instruction": "Hi", "output": "Hello"})
+
+
+def read_both_ways(tmp_path, tokenizer, path):
+    """The problems of a file as the list reader (data tools, evaluation) and as training (Arrow rows, skip policy)
+    report them, and the sources each kept."""
+    from medgpt.data_files import InvalidRecords, raw_records, read_json_records
+
+    problems = []
+    listed = [record.source for record in read_json_records([path], problems)]
+    invalid = InvalidRecords("skip", max_fraction=1.0, output_dir=str(tmp_path / "out"))
+    try:
+        build_sft_dataset(raw_records([path]), tokenizer, get_template(None, tokenizer), 128, "skip", invalid=invalid)
+    except DataError:  # a problem of a whole file stops under any policy
+        pass
+    return problems, listed, [str(p) for p in invalid.dropped], invalid
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"a":' * 100000, "nested too deeply"),
+    ('{"instruction": "a", "instruction": "b", "output": "c"}', 'the key "instruction" appears more than once'),
+    ('{"messages": [{"role": "user", "content": "q", "content": "r"}, {"role": "assistant", "content": "a"}]}',
+     'the key "content" appears more than once'),
+])
+def test_deep_nesting_and_repeated_keys_are_bad_records_in_every_reader(tmp_path, tokenizer, line, message):
+    path = write_lines(tmp_path / "train" / "bad.jsonl", [GOOD, line, GOOD])
+    problems, listed, dropped, invalid = read_both_ways(tmp_path, tokenizer, path)
+    assert listed == [f"{path}:1", f"{path}:3"]
+    assert [p[: len(f"{path}:2: {message}")] for p in problems] == [f"{path}:2: {message}"]
+    assert [p[: len(f"{path}:2: {message}")] for p in dropped] == [f"{path}:2: {message}"]
+    assert invalid.finish("SFT data") == {"invalid_records": 1}  # skipped and counted, the others kept
+    with pytest.raises(DataError, match=f"{path}:2: {message}"):
+        load(tmp_path)
+
+    array = tmp_path / "array" / "set.json"
+    array.parent.mkdir()
+    array.write_text(f"[{GOOD},\n {line},\n {GOOD}]", encoding="utf-8")
+    problems, listed, dropped, _ = read_both_ways(tmp_path, tokenizer, array)
+    if "nested" in message:  # too deep to follow: the rest of the array cannot be read, a problem of the file
+        assert listed == [f"{array}[0]"] and problems == dropped
+        assert [p[: len(f"{array}:2: {message}")] for p in problems] == [f"{array}:2: {message}"]
+    else:  # one bad element, the others read
+        assert listed == [f"{array}[0]", f"{array}[2]"] and problems == dropped
+        assert [p[: len(f"{array}[1]: {message}")] for p in problems] == [f"{array}[1]: {message}"]
+
+
+def test_a_utf16_file_is_one_clear_problem_not_one_per_line(tmp_path, tokenizer):
+    from medgpt.data_files import raw_records
+
+    for name in ("train.jsonl", "notes.txt"):
+        path = tmp_path / "utf16" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(f"{GOOD}\n{GOOD}\n".encode("utf-16"))
+        assert raw_records([path])["problem"] == [
+            f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte order mark); data files must be UTF-8. "
+            f"Convert it, e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}"]
+    problems, listed, dropped, _ = read_both_ways(tmp_path, tokenizer, tmp_path / "utf16" / "train.jsonl")
+    assert len(problems) == 1 and listed == [] and dropped == problems
+
+
+def test_a_utf8_byte_order_mark_is_read(tmp_path, tokenizer):
+    import codecs
+
+    for name, text in [("lines.jsonl", f"{GOOD}\n{GOOD}\n"), ("array.json", f"[{GOOD},\n{GOOD}]\n")]:
+        path = tmp_path / "bom" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(codecs.BOM_UTF8 + text.encode())
+        problems, listed, dropped, _ = read_both_ways(tmp_path, tokenizer, path)
+        assert problems == [] and dropped == [] and len(listed) == 2, (name, problems)
+
+
+def test_a_json_file_holding_one_object_is_one_problem_naming_its_list(tmp_path, tokenizer):
+    import json
+
+    wrapped = tmp_path / "wrapped" / "set.json"
+    wrapped.parent.mkdir()
+    wrapped.write_text(json.dumps({"version": 2, "data": [json.loads(GOOD)] * 3}, indent=2), encoding="utf-8")
+    problems, listed, dropped, _ = read_both_ways(tmp_path, tokenizer, wrapped)
+    assert listed == [] and dropped == problems and problems == [
+        f"{wrapped}: the file holds one JSON object, not records: records must be a top-level list [{{...}}, {{...}}] "
+        f"or JSON lines (one object a line). Its key \"data\" holds a list: if that list is the records, make it the "
+        f"whole file, e.g. jq '.[\"data\"]' {wrapped} > {wrapped.with_name('set.records.json')}"]

@@ -1,6 +1,10 @@
 """python -m medgpt.data_tools: validate, convert, dedup, mix and self-instruct, run as a user runs them."""
 
+import contextlib
+import io
 import json
+
+import pytest
 
 from conftest import ROOT, run_script, sft_records, write_jsonl
 from medgpt.data_tools import parse_questions
@@ -147,7 +151,8 @@ def test_every_command_explains_its_flags():
     for command, flag in [("validate", "--kind"), ("convert", "--to"), ("dedup", "--threshold"), ("mix", "--sources"),
                           ("self-instruct", "--questions_per_passage")]:
         assert command in overview
-        assert flag in data_tool(command, "--help").stdout
+        explained = data_tool(command, "--help").stdout
+        assert flag in explained and "--overwrite" in explained  # every command that writes may be told to replace
     run = data_tool("shuffle", check=False)
     assert run.returncode == 2 and "Unknown command 'shuffle'" in run.stderr
 
@@ -169,3 +174,66 @@ def test_mix_keeps_multiple_choice_questions_whole_and_bad_arguments_lose_nothin
         result = data_tool(*args, check=False)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, args
     assert not kept.exists()
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept_unless_overwrite(tmp_path):
+    from medgpt.data_tools import main
+
+    source = write_jsonl(tmp_path / "F.jsonl", [{"question": f"Q{i}?", "answer": "A."} for i in range(10)])
+    original = source.read_bytes()
+    run = data_tool("mix", "--sources", f"{source}=1.0", "--size", "2", "--output", str(source), check=False)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"--output {source} is the input file {source}: writing it would replace" in run.stderr
+    assert "--overwrite true" in run.stderr and source.read_bytes() == original
+
+    folder = tmp_path / "data"
+    inside = write_jsonl(folder / "part.jsonl", [{"question": "Fever?", "answer": "Rest."}])
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(source)
+    for args, message in [
+        (["convert", "--inputs", str(source), "--output", str(source)], f"--output {source} is the input file"),
+        (["dedup", "--inputs", str(source), "--output", str(link)], f"--output {link} is the input file {source}"),
+        (["dedup", "--inputs", str(source), "--output", str(tmp_path / "k.jsonl"), "--removed_output", str(source)],
+         f"--removed_output {source} is the input file"),
+        (["dedup", "--inputs", str(folder), "--output", str(folder / "sub" / "dedup.jsonl")],
+         f"--output {folder / 'sub' / 'dedup.jsonl'} is inside the input folder {folder}"),
+        (["validate", "--inputs", str(source), "--on_invalid_record", "skip", "--output", str(link)],
+         f"--output {link} is the input file {source}"),
+        (["mix", "--sources", f"{folder}=1", "--output", str(tmp_path)], f"--output {tmp_path} is a folder"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert message in str(stop.value.code), args
+    assert source.read_bytes() == original and [p.name for p in folder.rglob("*")] == ["part.jsonl"]
+    assert inside.is_file() and link.is_symlink()
+
+    assert main(["mix", "--sources", f"{source}=1.0", "--size", "2", "--output", str(source), "--overwrite", "true"]) == 0
+    assert len(read_jsonl(source)) == 2 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_interrupted_write_leaves_the_previous_output_whole(tmp_path):
+    from medgpt.data_tools import write_jsonl as write
+
+    out = write_jsonl(tmp_path / "out.jsonl", [{"text": "previous"}])
+
+    def rows():
+        yield {"text": "new"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write(str(out), rows())
+    assert read_jsonl(out) == [{"text": "previous"}] and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_validate_reports_what_it_checked_not_training(tmp_path):
+    from medgpt.data_tools import ValidateArguments, validate
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Fever?", "answer": "Rest."}\n{"question": "Cough?"}\n[1]\n', encoding="utf-8")
+    (tmp_path / "empty.jsonl").write_text("")
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert validate(ValidateArguments(inputs=[str(tmp_path)])) == 1
+    header = stderr.getvalue().splitlines()[0]
+    assert header == ("Found 3 problem(s) in the data; validated 2 file(s): 1 valid and 2 invalid record(s), "
+                      "1 problem(s) with a whole file. Fix these and rerun:")

@@ -2,6 +2,7 @@
 retrieval quality on the shipped labeled questions, and cited answers from chatpdf.py."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -121,6 +122,39 @@ def test_index_is_saved_reused_and_rebuilt_when_a_document_changes(tmp_path):
     assert KnowledgeBase.load(args) is None  # a new document: the saved index no longer matches
     assert {c.source for c in open_knowledge_base(args).chunks} == {"a.txt", "b.md"}
 
+
+
+def test_links_leading_out_of_the_knowledge_base_are_skipped_and_reported(tmp_path, caplog):
+    outside = tmp_path / "private"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "patient.txt").write_text("Patient Jane Roe, HIV positive, lives at 12 Elm Street.", encoding="utf-8")
+    (outside / "folder" / "notes.md").write_text("Private notes: Jane Roe's CD4 count.", encoding="utf-8")
+    kb = tmp_path / "kb"
+    (kb / "inner").mkdir(parents=True)
+    (kb / "inner" / "fever.txt").write_text("A fever is 38 C or more; drink fluids.", encoding="utf-8")
+    (kb / "patient.txt").symlink_to(outside / "patient.txt")
+    (kb / "private").symlink_to(outside / "folder", target_is_directory=True)
+    (kb / "fever.txt").symlink_to(kb / "inner" / "fever.txt")  # stays inside: read
+    (kb / "page.html").write_text("<p>not a document type</p>", encoding="utf-8")
+    args = RagArguments(kb_dir=str(kb), index_dir=str(tmp_path / "index"))
+    with caplog.at_level(logging.INFO):
+        knowledge_base = open_knowledge_base(args)
+    assert sorted(c.source for c in knowledge_base.chunks) == ["fever.txt", "inner/fever.txt"]
+    saved = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "index").iterdir())
+    assert "Jane Roe" not in saved and "patient.txt" not in saved
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [f"--kb_dir {kb}: skipped {kb / 'patient.txt'}, a link to {outside / 'patient.txt'} outside "
+                       "the folder (not read).",
+                       f"--kb_dir {kb}: skipped {kb / 'private'}, a link to {outside / 'folder'} outside the folder "
+                       "(not read).",
+                       f"--kb_dir {kb}: skipped 2 link(s) that lead outside the folder; copy a document into the "
+                       "folder to index it."]
+    assert f"1 file(s) that are not .txt/.md/.pdf/.docx are not read: {kb / 'page.html'}" in caplog.text
+    assert KnowledgeBase.load(args) is not None  # the same documents: the saved index is reused
+    (kb / "fever.txt").unlink()
+    (kb / "inner" / "fever.txt").unlink()
+    with pytest.raises(DataError, match="no .txt/.md/.pdf/.docx documents inside the folder"):  # only links out
+        open_knowledge_base(args)
 
 def test_shipped_questions_point_at_text_in_their_documents():
     questions = labeled_questions()

@@ -6,11 +6,13 @@ saves its trained model before anything after training can fail.
 """
 
 import json
+import re
 import shutil
 
 import pytest
 
 from conftest import sft_records, write_jsonl
+from medgpt.args import DataArguments, LoraArguments, ModelArguments
 
 COMMON = ["--logging_steps", "1", "--report_to", "none", "--gradient_checkpointing", "false", "--seed", "5",
           "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no", "--learning_rate", "1e-2"]
@@ -114,11 +116,46 @@ REPORTING_STAGES = {
 }
 
 
+def record_flag_reads(module, monkeypatch) -> set[str]:
+    """The names of MedGPT's own flags (ModelArguments, DataArguments, LoraArguments, a stage's script
+    arguments) that the stage reads after parsing, filled in as it runs."""
+    import dataclasses
+
+    from medgpt import args as medgpt_args
+
+    reads: set[str] = set()
+    parse = module.parse_args
+
+    def parse_and_record(types, *args, **kwargs):
+        parsed = parse(types, *args, **kwargs)
+        for dtype in types:
+            if dtype.__module__.startswith(("trl", "transformers")):
+                continue
+            names = {item.name for item in dataclasses.fields(dtype)}
+
+            def get(self, name, names=names):
+                if name in names:
+                    reads.add(name)
+                return object.__getattribute__(self, name)
+
+            monkeypatch.setattr(dtype, "__getattribute__", get)
+        return parsed
+
+    monkeypatch.setattr(module, "parse_args", parse_and_record)
+    assert medgpt_args.parse_args is parse  # the stage parses through the one shared function
+    return reads
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", list(REPORTING_STAGES))
-def test_a_failing_report_never_costs_the_trained_model(script, tiny_model_dir, preference_dir, reward_model_dir,
-                                                        tmp_path, monkeypatch):
-    """Whatever fails after training (here the Trainer's metric logging and the plot) comes after the save."""
+def test_a_stage_reads_every_flag_it_shows_and_a_failing_report_never_costs_the_model(
+        script, tiny_model_dir, preference_dir, reward_model_dir, tmp_path, monkeypatch, capsys):
+    """One short run per stage checks two promises. Whatever fails after training (here the Trainer's metric
+    logging and the plot) comes after the model is saved. And every MedGPT flag in the stage's --help is read
+    by it (a flag that only matters with another one, e.g. --shuffle_buffer_size with --streaming, declares
+    so): an accepted flag that does nothing would be a silent failure (flags a stage does not read are
+    hidden and refused, see test_cli.py)."""
+    import dataclasses
     import importlib
 
     import transformers
@@ -130,17 +167,27 @@ def test_a_failing_report_never_costs_the_trained_model(script, tiny_model_dir, 
 
     monkeypatch.setattr(transformers.Trainer, "log_metrics", broken)
     monkeypatch.setattr(medgpt.training, "plot_loss", broken)
-    main = importlib.import_module(script).main
+    module = importlib.import_module(script)
+    reads = record_flag_reads(module, monkeypatch)
     (tmp_path / "data").mkdir()
     out = tmp_path / "out"
     args = REPORTING_STAGES[script](tiny_model_dir, tmp_path / "data", preference_dir, reward_model_dir)
     steps = [] if script == "ppo_training" else ["--max_steps", "1"]  # PPO counts --total_episodes
-    metrics = main([*COMMON[:6], *args, *steps, "--save_strategy", "no", "--output_dir", str(out)])
+    metrics = module.main([*COMMON[:6], *args, *steps, "--save_strategy", "no", "--output_dir", str(out)])
     weights = {"reward_modeling": "model.safetensors"}.get(script, "adapter_model.safetensors")
     assert (out / weights).is_file() and (out / "tokenizer_config.json").is_file()
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     if script == "grpo_training":  # no question had options: that reward has no mean, and says so
         assert metrics["rewards/choice_accuracy_reward/mean"] is None
+
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    shown = set(re.findall(r"^  --(\w+)", capsys.readouterr().out, flags=re.M))
+    fields = {item.name: item for dtype in (ModelArguments, DataArguments, LoraArguments)
+              for item in dataclasses.fields(dtype)}
+    conditional = {name for name, item in fields.items() if item.metadata.get("requires")}
+    unread = sorted((shown & set(fields)) - reads - conditional)
+    assert not unread, f"{script} shows flags it never reads: {unread}"
 
 
 def test_a_damaged_checkpoint_is_named_and_passed_over(tmp_path):

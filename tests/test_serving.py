@@ -1,11 +1,13 @@
 """Serving for real: the OpenAI-compatible API with the official client, and the web demo in Chromium."""
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -103,7 +105,7 @@ def test_wrong_key_gets_401(api):
 
 @pytest.mark.parametrize("body, param", [
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "doctor", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "doctor", "content": "x"}]}, "messages[0].role"),
     ({"messages": QUESTION, "n": 2}, "n"),
     ({"messages": QUESTION, "max_tokens": 5000}, "max_tokens"),
     ({"messages": QUESTION, "temperature": "hot"}, "temperature"),
@@ -121,6 +123,139 @@ def test_malformed_json_is_400_not_500(api):
     response = httpx.post(f"{api}/chat/completions", content=b"{not json", timeout=30,
                           headers={"Authorization": "Bearer test-key", "Content-Type": "application/json"})
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+KEY = {"Authorization": "Bearer test-key"}
+ASSISTANT = {"role": "assistant", "content": "a"}
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://x.test/rash.png"}}
+SYSTEM = {"role": "system", "content": "s"}
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    # unknown fields, and OpenAI's fields this server does not implement
+    pytest.param({"max_token": 5}, "max_token", "Unrecognized request argument supplied: max_token", id="typo"),
+    pytest.param({"messages": [{"role": "user", "content": "q", "images": []}]}, "messages[0].images",
+                 "Unrecognized request argument supplied: messages[0].images", id="unknown message field"),
+    pytest.param({"stream": True, "stream_options": {"include_usage": True, "chunk_size": 4}},
+                 "stream_options.chunk_size", "Unrecognized request argument supplied: stream_options.chunk_size",
+                 id="unknown stream option"),
+    pytest.param({"response_format": {"type": "json_object"}}, "response_format",
+                 "response_format is not supported by this server", id="response_format"),
+    pytest.param({"logprobs": True, "top_logprobs": 2}, "logprobs",
+                 "logprobs is not supported by this server; top_logprobs is not supported by this server",
+                 id="logprobs"),
+    pytest.param({"parallel_tool_calls": False}, "parallel_tool_calls",
+                 "parallel_tool_calls is not supported by this server", id="parallel_tool_calls false"),
+    pytest.param({"messages": [*QUESTION, {**ASSISTANT, "audio": {"id": "a1"}}, *QUESTION]}, "messages[1].audio",
+                 "messages[1].audio is not supported by this server", id="assistant audio"),
+    # turns out of order, with the position
+    pytest.param({"messages": [ASSISTANT, *QUESTION]}, "messages",
+                 "roles out of order at messages[0]: expected user after the start, got assistant",
+                 id="assistant first"),
+    pytest.param({"messages": [SYSTEM, {"role": "developer", "content": "d"}, *QUESTION]}, "messages",
+                 "roles out of order at messages[1]: expected user after system, got system",
+                 id="two system messages"),
+    pytest.param({"messages": [*QUESTION, ASSISTANT, SYSTEM, *QUESTION]}, "messages",
+                 "roles out of order at messages[2]: expected user after assistant, got system", id="system later"),
+    pytest.param({"messages": [*QUESTION, *QUESTION]}, "messages",
+                 "roles out of order at messages[1]: expected assistant after user, got user", id="two user turns"),
+    pytest.param({"messages": [*QUESTION, ASSISTANT]}, "messages",
+                 "the prompt must end with a user turn or tool results, not with assistant (messages[1])",
+                 id="assistant last"),
+    # values of the wrong type or out of range
+    pytest.param({"stop": [""]}, "stop", "Invalid 'stop': an empty stop string is not allowed", id="empty stop"),
+    pytest.param({"stop": list("abcde")}, "stop", "Invalid 'stop': List should have at most 4 items", id="five stops"),
+    pytest.param({"stop": 5}, "stop", "Invalid 'stop': must be a string or a list of at most 4 strings",
+                 id="stop a number"),
+    pytest.param({"stream": "yes"}, "stream", "Invalid 'stream': Input should be a valid boolean", id="stream yes"),
+    pytest.param({"max_tokens": "5"}, "max_tokens", "Invalid 'max_tokens': Input should be a valid integer",
+                 id="max_tokens text"),
+    pytest.param({"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+                 "Invalid 'messages[0].content': must be a string or a list of text parts", id="content a number"),
+    # content parts: text only
+    pytest.param({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}]},
+                 "messages[0].content", "part 1 is of type 'image_url'; this server supports only text content",
+                 id="image part"),
+])
+def test_refused_requests_get_400_naming_the_field(api, fields, param, message):
+    response = httpx.post(f"{api}/chat/completions", headers=KEY, timeout=60,
+                          json={"messages": QUESTION, "max_tokens": 4, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, None)
+    assert message in error["message"]
+
+
+def test_official_client_requests_with_text_parts_and_explicit_defaults_are_accepted(api):
+    c = client(api)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+             {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "a fever?"}]}]
+    reply = c.chat.completions.create(
+        model="medgpt", messages=parts, max_tokens=3, temperature=0, user="clinic-7", seed=1, stop="\n\n",
+        extra_body={"response_format": {"type": "text"}, "logprobs": False, "frequency_penalty": 0, "top_p": None})
+    plain = c.chat.completions.create(model="medgpt", max_tokens=3, temperature=0, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is\na fever?"}])
+    assert reply.usage.prompt_tokens == plain.usage.prompt_tokens  # text parts joined by lines, developer = system
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+    # a call's result right after it is in order; a message dumped whole (its null fields) is accepted
+    call = {"id": "call_1", "type": "function", "function": {"name": "thermometer", "arguments": "{}"}}
+    follow = [*QUESTION, {"role": "assistant", "content": None, "refusal": None, "annotations": None, "audio": None,
+                          "function_call": None, "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "38.5 C"}]}]
+    assert c.chat.completions.create(model="medgpt", messages=follow, max_tokens=2).choices[0].message.role == "assistant"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_over_the_limit_gets_413_at_once(api, chunked):
+    body = json.dumps({"messages": [{"role": "user", "content": "fever " * 200_000}], "max_tokens": 1}).encode()
+    assert len(body) > 1 << 20  # the default --max_request_bytes
+    content = iter([body[i:i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+    started = time.perf_counter()
+    response = httpx.post(f"{api}/chat/completions", content=content, timeout=60,
+                          headers={**KEY, "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == {"message": "The request body is larger than this server accepts (1048576 bytes).",
+                                        "type": "invalid_request_error", "param": None, "code": None}
+    assert time.perf_counter() - started < 5
+    assert httpx.get(api.removesuffix("/v1") + "/health", timeout=5).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model_dir):
+    from medgpt.args import ModelArguments
+    from medgpt.generation import ChatModel
+
+    return ChatModel.load(ModelArguments(model_name_or_path=str(tiny_model_dir)))
+
+
+def test_health_answers_while_a_long_prompt_is_tokenized(chat_model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import openai_api
+
+    tokenizing, release, tokenized = threading.Event(), threading.Event(), threading.Event()
+    count_tokens = chat_model.count_tokens
+
+    def slow_count_tokens(text):  # tokenization held until /health has answered (or 10 s have passed)
+        tokenizing.set()
+        release.wait(timeout=10)
+        tokenized.set()
+        return count_tokens(text)
+
+    monkeypatch.setattr(chat_model, "count_tokens", slow_count_tokens)
+    app = openai_api.create_app(chat_model, openai_api.ServerArguments())
+    long_prompt = {"messages": [{"role": "user", "content": "fever " * 150_000}], "max_tokens": 1}  # under 1 MiB
+    with TestClient(app) as http, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(http.post, "/v1/chat/completions", json=long_prompt)
+        assert tokenizing.wait(timeout=60)
+        health = http.get("/health")
+        answered_while_tokenizing = not tokenized.is_set()
+        release.set()
+        assert health.status_code == 200 and answered_while_tokenizing
+        refused = answer.result(timeout=120)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
 
 
 # ---------------------------------------------------------------- tools and reasoning through the API

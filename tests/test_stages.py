@@ -1,6 +1,8 @@
 """Pretraining, reward modeling and DPO end to end on a tiny model; their data readers."""
 
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,18 +137,51 @@ def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
     assert f"{path}:2:" in str(error.value) and message in str(error.value)
 
 
-def test_identical_and_overlong_pairs_are_skipped_and_counted(tokenizer, tmp_path):
+def test_identical_pairs_are_skipped_and_answers_are_the_answer_tokens(tokenizer, tmp_path):
     template = get_template(None, tokenizer)
-    pairs = preference_records(3) + [{"prompt": "q", "chosen": "same", "rejected": "same "},
-                                     {"prompt": "word " * 400, "chosen": "a", "rejected": "b"}]
+    pairs = preference_records(3) + [{"prompt": "q", "chosen": "same", "rejected": "same "}]
     records = raw_dataset(tmp_path / "p.jsonl", pairs)
     dataset, counts = build_preference_dataset(records, tokenizer, template, max_length=200)
-    assert counts == {"kept": 3, "skipped_identical": 1, "skipped_too_long": 1}
+    assert counts == {"kept": 3, "truncated": 0, "answers_cut": 0, "skipped_identical": 1, "skipped_too_long": 0}
     # the answer's own tokens: the text and its end-of-turn, after the prompt's generation prompt
     assert tokenizer.decode(dataset[0]["chosen_ids"]) == "Call emergency services now.<|im_end|>\n"
     assert tokenizer.decode(dataset[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
     text, _ = build_preference_dataset(records.select([0]), tokenizer, template, max_length=200, kind="text")
     assert text[0]["chosen"] == "Call emergency services now.<|im_end|>"  # ends on EOS: TRL adds none again
+
+
+def test_overlong_pairs_are_cut_like_trl_or_skipped(tokenizer, tmp_path, caplog):
+    """The prompt keeps its end (the latest turns), the answers their start; counted, with file:line."""
+    template = get_template(None, tokenizer)
+    long_prompt = {"prompt": "Earlier notes: " + "stable vitals, " * 150 + "Now: sudden chest pain, what first?",
+                   "chosen": "Call emergency services now.", "rejected": "Wait and see."}
+    long_answer = {"prompt": "What does fever mean?", "chosen": "A raised body temperature. " * 60,
+                   "rejected": "Nothing."}
+    records = raw_dataset(tmp_path / "p.jsonl", [*preference_records(2), long_prompt, long_answer])
+    whole, _ = build_preference_dataset(records, tokenizer, template, max_length=None)
+    dataset, counts = build_preference_dataset(records, tokenizer, template, max_length=128, max_prompt_length=48)
+    assert counts == {"kept": 4, "truncated": 2, "answers_cut": 1, "skipped_identical": 0, "skipped_too_long": 0}
+    # prompt cut: only as much as the answers need, from its start; the answers whole (end-of-turn kept)
+    full, cut = whole[2], dataset[2]
+    longest = max(len(full["chosen_ids"]), len(full["rejected_ids"]))
+    assert cut["prompt_ids"] == full["prompt_ids"][-(128 - longest):]
+    assert tokenizer.decode(cut["prompt_ids"]).endswith("what first?<|im_end|>\n<|im_start|>assistant\n")
+    assert (cut["chosen_ids"], cut["rejected_ids"]) == (full["chosen_ids"], full["rejected_ids"])
+    # answer cut: the prompt keeps up to --max_prompt_length, the answer its first tokens (no end-of-turn)
+    full, cut = whole[3], dataset[3]
+    assert cut["prompt_ids"] == full["prompt_ids"] and len(full["prompt_ids"]) < 48
+    assert cut["chosen_ids"] == full["chosen_ids"][:128 - len(full["prompt_ids"])]
+    assert cut["rejected_ids"] == full["rejected_ids"]  # short enough to stay whole
+    assert "truncated 1 pair(s)" in caplog.text and f"{tmp_path / 'p.jsonl'}:4" in caplog.text
+    assert "lose their end-of-turn token" in caplog.text
+    assert all(len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 128
+               for row in dataset)
+    # --overlong_policy skip: today's behaviour, counted
+    kept, counts = build_preference_dataset(records, tokenizer, template, max_length=128, overlong_policy="skip")
+    assert len(kept) == 2 and counts["skipped_too_long"] == 2 and counts["truncated"] == 0
+    # the text form (ORPO/SimPO) says what the ids say
+    text, _ = build_preference_dataset(records.select([3]), tokenizer, template, max_length=128, kind="text")
+    assert text[0]["chosen"] == tokenizer.decode(cut["chosen_ids"])
 
 
 # ---------------------------------------------------------------- reward model and DPO
@@ -231,3 +266,18 @@ def test_dpo_variants_train_and_load_in_inference(tiny_model_dir, sft_adapter, s
     chat = ChatModel.load(model_args)
     answers = chat.generate([[{"role": "user", "content": "Chest pain?"}]], GenerationArguments(max_new_tokens=3, temperature=0))
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+@pytest.mark.slow
+def test_dpo_truncates_long_pairs_by_default_and_reports_them(tiny_model_dir, preference_dir, tmp_path):
+    import dpo_training
+
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_file_dir", str(preference_dir / "train"),
+              "--validation_split_percentage", "0", "--max_steps", "1", "--max_length", "40", *COMMON]
+    metrics = dpo_training.main([*common, "--output_dir", str(tmp_path / "cut")])
+    saved = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    # every shipped-style pair is longer than 40 tokens with the system prompt: all kept, all cut
+    assert saved["train_pairs_truncated"] == saved["train_pairs_kept"] == metrics["train_pairs_kept"] > 0
+    assert saved["train_pairs_skipped_too_long"] == 0
+    with pytest.raises(DataError, match="no usable train preference pairs"):  # today's behaviour, on request
+        dpo_training.main([*common, "--output_dir", str(tmp_path / "skip"), "--overlong_policy", "skip"])
