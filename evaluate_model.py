@@ -13,8 +13,16 @@ base), or NAME=DEFAULT (the embedded default model). Each model is measured on w
     --mcq_files         multiple-choice accuracy, by parsing the generated answer and by comparing
                         option-letter likelihoods; open questions scored by containment / char F1
     --preference_files  with --reward_models: pairwise accuracy (chosen scored above rejected)
+    --benchmark_files   standard benchmarks in their published files (MedQA, MedMCQA, PubMedQA, CMExam, CMB,
+                        C-Eval, CMMLU, MMLU; a folder of subject files is one benchmark, reported per subject):
+                        accuracy with its 95% Wilson interval, by option likelihood and/or by the generated
+                        answer (--benchmark_scoring), zero-shot or --num_fewshot k from the benchmark's dev split;
+                        written to benchmarks.json and benchmarks.md
 
-Files may be folders (searched recursively). --max_samples keeps CPU runs short.
+Files may be folders (searched recursively; benchmark folders are not). --max_samples keeps CPU runs short.
+
+    python evaluate_model.py --models base=DEFAULT --benchmark_files data/benchmarks/medqa/test.jsonl \\
+        data/benchmarks/ceval/val --num_fewshot 2 --benchmark_scoring likelihood generation
 """
 
 from __future__ import annotations
@@ -27,10 +35,13 @@ from pathlib import Path
 from medgpt.args import parse_args, run_cli
 from medgpt.data_files import find_data_files, json_reader, qa_reader, text_document_reader
 from medgpt.records import preference_from_record, question_from_record
+from medgpt.benchmarks import FORMATS, accuracy_summary, benchmark_question, fewshot_examples, read_benchmark
 from medgpt.evaluation import (
     choice_loglik_accuracy,
+    choice_loglik_predictions,
     generation_metrics,
     perplexity,
+    question_scores,
     reward_accuracy,
     score_questions,
 )
@@ -47,6 +58,15 @@ class EvaluationArguments:
     text_files: list[str] = field(default_factory=list, metadata={"help": "Held-out text for perplexity."})
     mcq_files: list[str] = field(default_factory=list, metadata={"help": "Held-out multiple-choice / open questions."})
     preference_files: list[str] = field(default_factory=list, metadata={"help": "Held-out preference pairs."})
+    benchmark_files: list[str] = field(default_factory=list, metadata={
+        "help": "Benchmark files or folders of subject files, in their published formats."})
+    benchmark_format: str | None = field(default=None, metadata={
+        "help": "Read every --benchmark_files as this format (default: detected): medqa, medmcqa, pubmedqa, cmexam, "
+                "cmb, ceval, cmmlu, mmlu."})
+    num_fewshot: int = field(default=0, metadata={"help": "Examples from each benchmark's dev split before a question."})
+    benchmark_scoring: list[str] = field(default_factory=lambda: ["likelihood"], metadata={
+        "help": "likelihood (the most likely option letters) and/or generation (letters parsed from the greedy "
+                "answer, after any <think> reasoning); the first gives 'accuracy'."})
     template_name: str | None = field(default=None, metadata={"help": "Chat template (default: each tokenizer's own)."})
     max_samples: int | None = field(default=None, metadata={"help": "At most this many items per data set."})
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length for generated answers."})
@@ -95,8 +115,88 @@ def evaluate_chat_model(chat: ChatModel, data: dict, args: EvaluationArguments) 
     if data["mcq"]:
         result.update({f"mcq_{k}": v for k, v in score_questions(chat, data["mcq"], args.batch_size,
                                                                   args.max_new_tokens).items()})
-        result.update({f"mcq_{k}": v for k, v in choice_loglik_accuracy(chat, data["mcq"]).items()})
+        result.update({f"mcq_{k}": v for k, v in choice_loglik_accuracy(chat, data["mcq"],
+                                                                                         args.batch_size).items()})
     return result
+
+
+SCORINGS = ("likelihood", "generation")
+
+
+def read_benchmarks(args: EvaluationArguments) -> list[dict]:
+    """Every --benchmark_files argument read, with its questions (few-shot prompts built); all problems at once."""
+    from medgpt.records import DataError
+
+    problems = [f"--benchmark_scoring {s}: choose likelihood and/or generation." for s in args.benchmark_scoring
+                if s not in SCORINGS]
+    if args.benchmark_format and args.benchmark_format not in FORMATS:
+        problems.append(f"--benchmark_format {args.benchmark_format}: choose one of {', '.join(FORMATS)}.")
+    if args.num_fewshot < 0:
+        problems.append(f"--num_fewshot {args.num_fewshot}: must be 0 or more.")
+    if problems:
+        raise DataError(problems, what="benchmark arguments", outcome="nothing was evaluated")
+    benchmarks = []
+    for name in args.benchmark_files:
+        try:
+            benchmark = read_benchmark(name, args.benchmark_format)
+            shots = fewshot_examples(benchmark, args.num_fewshot)
+        except DataError as error:
+            problems += error.problems
+            continue
+        items = benchmark["items"][: args.max_samples] if args.max_samples else benchmark["items"]
+        benchmark["questions"] = [benchmark_question(item, shots.get(item["file"], ())) for item in items]
+        benchmarks.append(benchmark)
+    names = [b["name"] for b in benchmarks]
+    problems += [f"--benchmark_files: two benchmarks are named {n!r} (by file stem or folder name); rename one."
+                 for n in sorted({n for n in names if names.count(n) > 1})]
+    if problems:
+        raise DataError(problems, what="benchmark files", outcome="nothing was evaluated")
+    return benchmarks
+
+
+def evaluate_benchmarks(chat: ChatModel, benchmarks: list[dict], args: EvaluationArguments) -> dict:
+    """{benchmark: {"accuracy", "n", "correct", "ci95", "format", "scoring", "subjects", <other scoring>: {...}}}."""
+    results = {}
+    for benchmark in benchmarks:
+        questions = benchmark["questions"]
+        subjects = [q["subject"] for q in questions]
+        summaries = {}
+        for scoring in dict.fromkeys(args.benchmark_scoring):
+            if scoring == "likelihood":
+                predictions = choice_loglik_predictions(chat, questions, args.batch_size, desc=benchmark["name"])
+                scores = [float(p == q["answer"]) for p, q in zip(predictions, questions)]
+            else:
+                scores = question_scores(chat, questions, args.batch_size, args.max_new_tokens, desc=benchmark["name"])
+            summaries[scoring] = accuracy_summary(scores, subjects)
+        first, *others = summaries
+        results[benchmark["name"]] = {**summaries[first], "format": benchmark["format"], "scoring": first,
+                                      "num_fewshot": args.num_fewshot, **{o: summaries[o] for o in others}}
+    return results
+
+
+def benchmark_table(results: dict) -> str:
+    """One row per model, one column per benchmark: accuracy [95% interval] (n), then per-subject rows."""
+    names = list(dict.fromkeys(b for r in results.values() for b in r))
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def cell(entry: dict | None) -> str:
+        if not entry:
+            return "-"
+        low, high = entry["ci95"]
+        return f"{entry['accuracy']:.3f} [{low:.3f}, {high:.3f}] (n={entry['n']})"
+
+    for model, result in results.items():
+        lines.append(f"| {model} | " + " | ".join(cell(result.get(b)) for b in names) + " |")
+    for name in names:
+        subjects = list(dict.fromkeys(s for r in results.values() for s in r.get(name, {}).get("subjects", {})))
+        if subjects:
+            lines += ["", f"{name} by subject:", "", "| model | " + " | ".join(subjects) + " |",
+                      "|---" * (len(subjects) + 1) + "|"]
+            lines += [f"| {model} | " + " | ".join(cell(r.get(name, {}).get("subjects", {}).get(s)) for s in subjects)
+                      + " |" for model, r in results.items()]
+    scoring = {r[b]["scoring"] for r in results.values() for b in r}
+    lines += ["", f"Accuracy by {', '.join(sorted(scoring))} scoring, with its 95% Wilson interval."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: dict) -> str:
@@ -131,12 +231,20 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": read(args.preference_files, json_reader(preference_from_record), (".jsonl", ".json"), "preference",
                       args.max_samples),
     }
+    benchmarks = read_benchmarks(args)
+    if benchmarks and not args.models:
+        raise SystemExit("--benchmark_files needs --models.")
     models = [model_arguments(spec, args.template_name) for spec in args.models]  # every spec checked first
     reward_models = [model_arguments(spec, args.template_name) for spec in args.reward_models]
-    results = {}
+    results, benchmark_results = {}, {}
+    evaluated = any(data.values()) or not benchmarks  # the measures above, unless only benchmarks are asked for
     for name, model_args in models:
         print(f"== evaluating {name}", flush=True)
-        results[name] = evaluate_chat_model(ChatModel.load(model_args), data, args)
+        chat = ChatModel.load(model_args)
+        if evaluated:
+            results[name] = evaluate_chat_model(chat, data, args)
+        if benchmarks:
+            benchmark_results[name] = evaluate_benchmarks(chat, benchmarks, args)
     for name, model_args in reward_models:
         from transformers import AutoModelForSequenceClassification
 
@@ -151,6 +259,14 @@ def main(argv: list[str] | None = None) -> dict:
                                         args.batch_size)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if benchmark_results:
+        (output / "benchmarks.json").write_text(json.dumps(benchmark_results, indent=2, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+        table = benchmark_table(benchmark_results)
+        (output / "benchmarks.md").write_text(table, encoding="utf-8")
+        print(table)
+    if not results:
+        return benchmark_results  # only benchmarks were asked for
     (output / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     table = markdown_table(results)
     (output / "results.md").write_text(table, encoding="utf-8")

@@ -3,6 +3,7 @@ reward-model pairwise accuracy. Used by evaluate_model.py and by the stages that
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Sequence
 
@@ -11,24 +12,43 @@ from tqdm import tqdm
 
 from medgpt.tokenization import tokenize_pair
 from medgpt.generation import ChatModel, GenerationArguments
-from medgpt.rewards import extract_choice, open_answer_score
+from medgpt.chat_template import THINK_CLOSE, THINK_OPEN
+from medgpt.rewards import LETTERS, extract_choice, open_answer_score
+
+
+def answer_after_reasoning(text: str) -> str:
+    """The answer of a reasoning model's output: what follows the last </think> ("" when it never closed)."""
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1]
+    return "" if text.lstrip().startswith(THINK_OPEN) else text
+
+
+def question_scores(chat: ChatModel, items: Sequence[dict], batch_size: int = 8, max_new_tokens: int = 128,
+                    desc: str = "Answering") -> list[float]:
+    """Each item's score from its greedy answer (after any reasoning): a choice item 1.0 when the letters it
+    chose are exactly its answer's (all of them for a multi-answer item), an open one by containment / char F1."""
+    settings = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    scores = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
+        chunk = items[start : start + batch_size]
+        answers = chat.generate([item["prompt"] for item in chunk], settings)
+        for item, text in zip(chunk, answers):
+            text = answer_after_reasoning(text)
+            if item["kind"] == "choice":
+                scores.append(float(extract_choice(text, item.get("letters") or LETTERS) == item["answer"]))
+            else:
+                scores.append(open_answer_score(text, item["answer"]))
+    return scores
 
 
 def score_questions(chat: ChatModel, items: Sequence[dict], batch_size: int = 8, max_new_tokens: int = 128,
                     desc: str = "Answering") -> dict:
     """Greedy answers to ``question_from_record`` items, scored: multiple-choice by exact letters,
     open answers by containment / character F1. Returns accuracy per kind and overall."""
-    settings = GenerationArguments(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    every = question_scores(chat, items, batch_size, max_new_tokens, desc)
     scores = {"choice": [], "open": []}
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
-        chunk = items[start : start + batch_size]
-        answers = chat.generate([item["prompt"] for item in chunk], settings)
-        for item, text in zip(chunk, answers):
-            if item["kind"] == "choice":
-                scores["choice"].append(float(extract_choice(text) == item["answer"]))
-            else:
-                scores["open"].append(open_answer_score(text, item["answer"]))
-    every = scores["choice"] + scores["open"]
+    for item, score in zip(items, every):
+        scores[item["kind"]].append(score)
     result = {"n": len(every), "accuracy": sum(every) / len(every) if every else float("nan")}
     for kind, values in scores.items():
         if values:
@@ -94,26 +114,85 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 1024, b
     return {"perplexity": float(torch.exp(torch.tensor(total_nll / max(total_tokens, 1)))), "tokens": total_tokens}
 
 
-@torch.inference_mode()
-def choice_loglik_accuracy(chat: ChatModel, items: Sequence[dict]) -> dict:
-    """Multiple-choice accuracy by likelihood: after the prompt and "Answer: ", the option letter
-    the model finds most likely is its choice. Multi-answer items are left out (counted)."""
+def _option_letters(item: dict) -> list[str]:
+    return sorted(item.get("letters") or set(re.findall(r"^([A-H])\. ", item["prompt"][-1]["content"],
+                                                        flags=re.MULTILINE)) or "ABCD")
+
+
+def _forward_logprobs(chat: ChatModel, rows: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+    """Next-token log-probabilities at the given positions of each row, in one right-padded forward pass
+    (only those positions are normalized: the whole (rows, width, vocab) tensor would dominate the time)."""
     device = next(chat.model.parameters()).device
-    correct, scored, skipped = 0, 0, 0
-    for item in tqdm(items, desc="Option likelihoods", unit="question"):
-        if item["kind"] != "choice" or len(item["answer"]) != 1:
-            skipped += 1
-            continue
-        letters = sorted(set(re.findall(r"^([A-H])\. ", item["prompt"][-1]["content"], flags=re.MULTILINE))) or list("ABCD")
-        prefix = chat.prompt(item["prompt"]) + ("答案：" if _is_chinese(item) else "Answer: ")
-        ids = chat.tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        logprobs = torch.log_softmax(chat.model(input_ids=ids).logits[0, -1].float(), dim=-1)
-        letter_ids = [chat.tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in letters]
-        choice = letters[int(torch.argmax(logprobs[letter_ids]))]
-        correct += int(choice == item["answer"])
-        scored += 1
-    return {"loglik_accuracy": correct / scored if scored else float("nan"), "loglik_n": scored,
-            "loglik_skipped_multi_answer": skipped}
+    width = max(len(r) for r in rows)
+    pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(rows):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    logits = chat.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    return [torch.log_softmax(logits[row, wanted].float(), dim=-1) for row, wanted in enumerate(positions)]
+
+
+@torch.inference_mode()
+def choice_loglik_predictions(chat: ChatModel, items: Sequence[dict], batch_size: int = 8,
+                              desc: str = "Option likelihoods") -> list[str]:
+    """Each choice item's answer by likelihood, "" for open items: after the prompt and "Answer: " / "答案：",
+    the option letter the model finds most likely (one forward pass for ``batch_size`` items); for a
+    multi-answer item, the most likely of all letter sets written as its answer is ("AC": summed token
+    log-probabilities), so it is scored by exact set match."""
+    predictions = [""] * len(items)
+    prefixes = {}
+    for index, item in enumerate(items):
+        if item["kind"] == "choice":
+            prefix = chat.prompt(item["prompt"]) + ("答案：" if _is_chinese(item) else "Answer: ")
+            prefixes[index] = chat.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    letter_id = {}
+
+    def first_token(letter: str) -> int:
+        if letter not in letter_id:
+            letter_id[letter] = chat.tokenizer(letter, add_special_tokens=False)["input_ids"][0]
+        return letter_id[letter]
+
+    single = [i for i in prefixes if len(items[i]["answer"]) == 1]
+    multi = [i for i in prefixes if len(items[i]["answer"]) > 1]
+    progress = tqdm(total=len(single) + len(multi), desc=desc, unit="question")
+    for start in range(0, len(single), batch_size):
+        chunk = single[start : start + batch_size]
+        logprobs = _forward_logprobs(chat, [prefixes[i] for i in chunk], [[len(prefixes[i]) - 1] for i in chunk])
+        for row, index in enumerate(chunk):
+            letters = _option_letters(items[index])
+            last = logprobs[row][0]
+            predictions[index] = letters[int(torch.argmax(last[[first_token(c) for c in letters]]))]
+        progress.update(len(chunk))
+    for index in multi:
+        letters = _option_letters(items[index])
+        candidates = ["".join(c) for size in range(1, len(letters) + 1) for c in itertools.combinations(letters, size)]
+        prefix, totals = prefixes[index], []
+        for start in range(0, len(candidates), max(batch_size, 1) * 4):
+            chunk = candidates[start : start + max(batch_size, 1) * 4]
+            continuations = [chat.tokenizer(c, add_special_tokens=False)["input_ids"] for c in chunk]
+            logprobs = _forward_logprobs(chat, [prefix + c for c in continuations],
+                                         [list(range(len(prefix) - 1, len(prefix) - 1 + len(c))) for c in continuations])
+            for row, continuation in enumerate(continuations):
+                picked = logprobs[row][torch.arange(len(continuation)), torch.tensor(continuation)]
+                totals.append(float(picked.sum()))
+        predictions[index] = candidates[max(range(len(totals)), key=totals.__getitem__)]
+        progress.update(1)
+    progress.close()
+    return predictions
+
+
+@torch.inference_mode()
+def choice_loglik_accuracy(chat: ChatModel, items: Sequence[dict], batch_size: int = 8,
+                           multi_answer: bool = False) -> dict:
+    """Multiple-choice accuracy by likelihood (:func:`choice_loglik_predictions`). Multi-answer items are
+    scored with ``multi_answer``, else left out (counted, with the open items)."""
+    scored = [item for item in items if item["kind"] == "choice" and (multi_answer or len(item["answer"]) == 1)]
+    predictions = choice_loglik_predictions(chat, scored, batch_size)
+    correct = sum(p == item["answer"] for p, item in zip(predictions, scored))
+    return {"loglik_accuracy": correct / len(scored) if scored else float("nan"), "loglik_n": len(scored),
+            "loglik_skipped_multi_answer": len(items) - len(scored)}
 
 
 def _is_chinese(item: dict) -> bool:
