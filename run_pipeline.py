@@ -151,6 +151,10 @@ def write_report(out: Path, durations: dict[str, float]) -> Path:
     evaluation = out / "eval" / "results.md"
     if evaluation.is_file():
         lines += ["", "## Held-out evaluation", "", evaluation.read_text(encoding="utf-8")]
+    benchmarks = out / "bench" / "benchmarks.md"
+    if benchmarks.is_file():
+        lines += ["", "## Standard benchmarks (the shipped samples: a few project-written items per format)", "",
+                  benchmarks.read_text(encoding="utf-8")]
     retrieval = out / "rag" / "retrieval.json"
     if retrieval.is_file():
         found = json.loads(retrieval.read_text(encoding="utf-8"))
@@ -178,12 +182,28 @@ def evaluation_stage(out: Path, max_samples: int) -> Stage:
     ], "eval", "results.json")
 
 
+BENCHMARK_SAMPLES = ["data/benchmarks/medqa/test.jsonl", "data/benchmarks/medmcqa/dev.json",
+                     "data/benchmarks/pubmedqa/test_set.json", "data/benchmarks/cmexam/test.csv",
+                     "data/benchmarks/cmb/CMB-val-merge.json", "data/benchmarks/ceval/val", "data/benchmarks/cmmlu/test",
+                     "data/benchmarks/mmlu/test"]
+
+
+def benchmark_stage(out: Path) -> Stage:
+    """The shipped samples of the standard benchmarks (one per published format), scored by option likelihood
+    for the base, SFT and final model: a check that every reader and the scoring run, not a measurement."""
+    merged = str(out / "sft-merged")
+    return Stage("bench", "evaluate_model.py", [
+        "--models", "base=DEFAULT", f"sft={merged}", f"grpo={merged}+{out / 'grpo'}",
+        "--benchmark_files", *BENCHMARK_SAMPLES,
+    ], "bench", "benchmarks.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/pipeline", help="Where every stage's folder goes.")
     parser.add_argument("--force", action="store_true", help="Rerun stages even when their outputs are complete.")
     parser.add_argument("--stages", default=None, help="Comma-separated subset of: pt, pt-merge, sft, sft-merge, rm, "
-                        "dpo, ppo, grpo, student, opd (with --with_opd), eval, rag (default: all).")
+                        "dpo, ppo, grpo, student, opd (with --with_opd), eval, bench, rag (default: all).")
     parser.add_argument("--eval_samples", type=int, default=16, help="Held-out items per data set in the evaluation.")
     parser.add_argument("--with_opd", action="store_true", help="Also distill the SFT model into a student of half "
                         "its blocks (opd_training.py; about 10 more minutes on 2 CPU cores).")
@@ -191,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     rag = Stage("rag", "chatpdf.py", ["--eval_file", "data/rag/questions.jsonl", "--index_dir", str(out / "rag" / "index"),
                                       "--eval_output", str(out / "rag" / "retrieval.json")], "rag", "retrieval.json", None)
-    plan = stages(out) + (distillation_stages(out) if args.with_opd else []) + [evaluation_stage(out, args.eval_samples), rag]
+    plan = [*stages(out), *(distillation_stages(out) if args.with_opd else []),
+            evaluation_stage(out, args.eval_samples), benchmark_stage(out), rag]
     if args.stages is not None:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = set(wanted) - {s.name for s in plan}
