@@ -146,14 +146,20 @@ def test_self_instruct_writes_sft_pairs_from_a_document_with_the_embedded_model(
     assert data_tool("validate", "--inputs", str(out)).returncode == 0
 
 
-def test_every_command_explains_its_flags():
-    overview = data_tool("--help").stdout
+def test_every_command_explains_its_flags(capsys):
+    from medgpt.data_tools import main
+
+    assert main(["--help"]) == 0
+    overview = capsys.readouterr().out
     for command, flag in [("validate", "--kind"), ("convert", "--to"), ("dedup", "--threshold"), ("mix", "--sources"),
                           ("self-instruct", "--questions_per_passage")]:
         assert command in overview
-        explained = data_tool(command, "--help").stdout
-        assert flag in explained and "--overwrite" in explained  # every command that writes may be told to replace
-    run = data_tool("shuffle", check=False)
+        with pytest.raises(SystemExit) as ended:
+            main([command, "--help"])
+        explained = capsys.readouterr().out
+        assert ended.value.code == 0 and flag in explained
+        assert "--overwrite" in explained  # every command that writes may be told to replace
+    run = data_tool("shuffle", check=False)  # and from the command line
     assert run.returncode == 2 and "Unknown command 'shuffle'" in run.stderr
 
 
