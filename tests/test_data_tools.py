@@ -1,8 +1,12 @@
-"""python -m medgpt.data_tools: validate, convert, dedup, mix and self-instruct, run as a user runs them."""
+"""python -m medgpt.data_tools: validate, convert, dedup, mix and self-instruct, run as a user runs them
+(in-process: see data_tool)."""
 
 import contextlib
 import io
 import json
+import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -11,8 +15,33 @@ from medgpt.data_tools import parse_questions
 from medgpt.records import conversation_from_record, preference_from_record
 
 
-def data_tool(*args, check=True):
-    return run_script("-m", "medgpt.data_tools", *args, check=check)
+def data_tool(*args, check=True) -> subprocess.CompletedProcess:
+    """`python -m medgpt.data_tools ARGS` as a user runs it, in this process (a subprocess's start-up was most of
+    these tests' time): its exit status, its output, and its messages and log lines on stderr."""
+    from medgpt.data_tools import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as ended:  # as the interpreter reports it: a message goes to stderr, status 1
+                code = ended.code
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+                    code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    result = subprocess.CompletedProcess(["medgpt.data_tools", *args], code or 0, out.getvalue(), err.getvalue())
+    if check:
+        assert result.returncode == 0, f"data_tools {' '.join(args)} failed:\n{result.stderr}"
+    return result
 
 
 def read_jsonl(path):
@@ -159,7 +188,7 @@ def test_every_command_explains_its_flags(capsys):
         explained = capsys.readouterr().out
         assert ended.value.code == 0 and flag in explained
         assert "--overwrite" in explained  # every command that writes may be told to replace
-    run = data_tool("shuffle", check=False)  # and from the command line
+    run = run_script("-m", "medgpt.data_tools", "shuffle", check=False)  # and from the command line
     assert run.returncode == 2 and "Unknown command 'shuffle'" in run.stderr
 
 
