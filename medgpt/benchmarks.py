@@ -59,10 +59,15 @@ def _item(question, options: dict, answer: str, subject: str | None, what: str =
     return {"question": _text(question, "the question"), "options": options, "answer": letters, "subject": subject}
 
 
-def _medqa(row: dict, subject: str | None) -> dict:
-    for key in ("question", "options", "answer_idx"):
+def _require(row: dict, keys: tuple[str, ...], shape: str, where: str = "") -> None:
+    """ValueError naming the first of ``keys`` that ``row`` lacks, and the format's shape."""
+    for key in keys:
         if key not in row:
-            raise ValueError(f"has no '{key}' (MedQA rows have question, options, answer_idx).")
+            raise ValueError(f"{where}has no '{key}' ({shape}).")
+
+
+def _medqa(row: dict, subject: str | None) -> dict:
+    _require(row, ("question", "options", "answer_idx"), "MedQA rows have question, options, answer_idx")
     if not isinstance(row["options"], dict):
         raise ValueError("'options' must be an object {\"A\": \"...\", ...}.")
     return _item(row["question"], {str(k).strip().upper(): v for k, v in row["options"].items()}, row["answer_idx"],
@@ -70,9 +75,8 @@ def _medqa(row: dict, subject: str | None) -> dict:
 
 
 def _medmcqa(row: dict, subject: str | None, zero_based: bool) -> dict:
-    for key in ("question", "opa", "opb", "opc", "opd", "cop"):
-        if key not in row:
-            raise ValueError(f"has no '{key}' (MedMCQA rows have question, opa, opb, opc, opd, cop).")
+    _require(row, ("question", "opa", "opb", "opc", "opd", "cop"),
+             "MedMCQA rows have question, opa, opb, opc, opd, cop")
     cop = row["cop"]
     first = 0 if zero_based else 1
     if isinstance(cop, bool) or not isinstance(cop, int) or not first <= cop <= first + 3:
@@ -83,9 +87,7 @@ def _medmcqa(row: dict, subject: str | None, zero_based: bool) -> dict:
 
 
 def _cmb(row: dict, subject: str | None) -> dict:
-    for key in ("question", "option", "answer"):
-        if key not in row:
-            raise ValueError(f"has no '{key}' (CMB rows have question, option, answer, question_type).")
+    _require(row, ("question", "option", "answer"), "CMB rows have question, option, answer, question_type")
     if not isinstance(row["option"], dict):
         raise ValueError("'option' must be an object {\"A\": \"...\", ...}.")
     options = {str(k).strip().upper(): v for k, v in row["option"].items() if str(v or "").strip()}
@@ -98,9 +100,7 @@ def _cmb(row: dict, subject: str | None) -> dict:
 def _pubmedqa(pmid: str, row, subject: str | None) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"PMID {pmid} must map to an object with QUESTION, CONTEXTS, final_decision.")
-    for key in ("QUESTION", "CONTEXTS", "final_decision"):
-        if key not in row:
-            raise ValueError(f"PMID {pmid} has no '{key}' (PubMedQA items have QUESTION, CONTEXTS, final_decision).")
+    _require(row, ("QUESTION", "CONTEXTS", "final_decision"), "PubMedQA items have QUESTION, CONTEXTS, final_decision", f"PMID {pmid} ")
     decision = str(row["final_decision"]).strip().lower()
     if decision not in ("yes", "no", "maybe"):
         raise ValueError(f"PMID {pmid}: final_decision must be yes, no or maybe, got {row['final_decision']!r}.")
