@@ -25,6 +25,8 @@ if "MEDGPT_DATA_CACHE" not in os.environ:  # prepared data of this test session 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by default)")
+    config.addinivalue_line("markers", "extended: another launcher or variant of a path the default run covers; "
+                                       "left out by default (pytest.ini), run with `bash run_tests.sh -m ''`")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 
 import re
+import sys
 
 import pytest
 import yaml
@@ -17,12 +18,28 @@ STAGE_OF_CONFIG = {"pt.yaml": "pretraining", "sft.yaml": "supervised_finetuning"
                    "opd.yaml": "opd_training"}
 
 
+COMMAND_LINE_HELP = {"template.py", "evaluate_model.py"}  # the others start as commands in other tests
+
+
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s.removesuffix(".py") not in STAGE_OF_CONFIG.values()])
-def test_help(script):
-    """Every script answers --help from the command line (the training stages in-process, below and in
-    test_flags_a_stage_does_not_read_are_hidden_and_refused: their start-up is what costs)."""
-    result = run_script(*script.split(), "--help")
-    assert "usage" in result.stdout.lower() or "Registered templates" in result.stdout
+def test_help(script, capsys, monkeypatch):
+    """Every script answers --help: two from the command line, the others run as ``__main__`` in this
+    process (each starts as a command in another test; the interpreter's start-up is what costs). The
+    training stages' --help: below and in test_flags_a_stage_does_not_read_are_hidden_and_refused."""
+    import runpy
+
+    if script in COMMAND_LINE_HELP:
+        text = run_script(*script.split(), "--help").stdout
+    else:
+        monkeypatch.setattr(sys, "argv", [script.split()[-1], "--help"])
+        with pytest.raises(SystemExit) as exited:
+            if script.startswith("-m "):
+                runpy.run_module(script.split()[-1], run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+        assert exited.value.code in (0, None)
+        text = capsys.readouterr().out
+    assert "usage" in text.lower() or "Registered templates" in text
 
 
 def test_sft_help_explains_flags(capsys):
@@ -134,7 +151,20 @@ def test_merge_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path):
     assert (mine / "train.jsonl").is_file() and (adapter / "adapter_config.json").is_file()
 
 
-def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(tiny_model_dir, tmp_path):
+def ends_with(script: str, argv: list, monkeypatch, capsys) -> str:
+    """What a script's ``__main__`` (run in this process) stops with: its exit message and what it wrote to stderr."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert ended.value.code not in (0, None)
+    return f"{ended.value.code}\n{capsys.readouterr().err}"
+
+
+def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """From the command line (the first), and the scripts' ``__main__`` in-process (the others)."""
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}\n'
                       '{"conversations": [\n')
@@ -142,21 +172,19 @@ def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(t
     result = run_script("supervised_finetuning.py", *common, "--train_files", str(broken), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "supervised_finetuning.py: error: Found 1 problem(s)" in result.stderr and f"{broken}:2:" in result.stderr
-    result = run_script("supervised_finetuning.py", *common, "--train_files", str(broken), "--template_name", "nope",
-                        check=False)
-    assert result.returncode == 1 and "Unknown --template_name 'nope'" in result.stderr and "Traceback" not in result.stderr
+    ended = ends_with("supervised_finetuning.py", [*common, "--train_files", broken, "--template_name", "nope"],
+                      monkeypatch, capsys)
+    assert "Unknown --template_name 'nope'" in ended and "Traceback" not in ended
     config = tmp_path / "a.yaml"
     config.write_text("max_steps: 3\n")
-    result = run_script("supervised_finetuning.py", "--config", str(config), "--config", str(config), *common,
-                        check=False)
-    assert result.returncode != 0 and "--config given more than once" in result.stderr
-    result = run_script("inference.py", "--base_model", str(tmp_path / "sft-mergd"), "--interactive", check=False)
-    assert result.returncode != 0 and "sft-mergd: no such folder" in result.stderr and "Traceback" not in result.stderr
-    result = run_script("merge_peft_adapter.py", "--base_model", str(tiny_model_dir), "--lora_model",
-                        str(tiny_model_dir), check=False)
-    assert result.returncode != 0 and "not a LoRA adapter" in result.stderr
-    result = run_script("run_pipeline.py", "--stages", "", check=False)
-    assert result.returncode != 0 and "--stages: unknown (none given)" in result.stderr
+    ended = ends_with("supervised_finetuning.py", ["--config", config, "--config", config, *common], monkeypatch, capsys)
+    assert "--config given more than once" in ended
+    ended = ends_with("inference.py", ["--base_model", tmp_path / "sft-mergd", "--interactive"], monkeypatch, capsys)
+    assert "sft-mergd: no such folder" in ended and "Traceback" not in ended
+    ended = ends_with("merge_peft_adapter.py", ["--base_model", tiny_model_dir, "--lora_model", tiny_model_dir],
+                      monkeypatch, capsys)
+    assert "not a LoRA adapter" in ended
+    assert "--stages: unknown (none given)" in ends_with("run_pipeline.py", ["--stages", ""], monkeypatch, capsys)
 
 
 class NotATensor:  # pickled into a checkpoint: torch's safe loader refuses it

@@ -71,9 +71,13 @@ def check_sft_output(out, base_dir, use_peft: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("deepspeed, use_peft", [(None, "true"), ("zero2.json", "true"), ("zero3.json", "true"),
-                                                 ("zero3.json", "false"), ("zero3_offload.json", "true")],
-                         ids=["ddp-lora", "zero2-lora", "zero3-lora", "zero3-full", "zero3-offload-lora"])
+@pytest.mark.parametrize("deepspeed, use_peft", [
+    (None, "true"),
+    pytest.param("zero2.json", "true", marks=pytest.mark.extended),  # ZeRO-2 SFT: the deepspeed launcher test
+    ("zero3.json", "true"),
+    ("zero3.json", "false"),
+    pytest.param("zero3_offload.json", "true", marks=pytest.mark.extended),  # builds DeepSpeed's CPU Adam
+], ids=["ddp-lora", "zero2-lora", "zero3-lora", "zero3-full", "zero3-offload-lora"])
 def test_two_process_sft_saves_a_loadable_model(tiny_model_dir, tmp_path, deepspeed, use_peft):
     command = [*TORCHRUN, *sft_args(tiny_model_dir, tmp_path, use_peft)]
     if deepspeed:
@@ -93,7 +97,7 @@ def test_deepspeed_launcher_sft_zero2(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher_args, zero_stage", [
-    (["--multi_gpu"], None),
+    pytest.param(["--multi_gpu"], None, marks=pytest.mark.extended),  # torchrun underneath: ddp-lora above
     (["--use_deepspeed", "--deepspeed_config_file", "zero3.json"], 3),
 ], ids=["ddp", "deepspeed-zero3"])
 def test_accelerate_launch_sft(tiny_model_dir, tmp_path, launcher_args, zero_stage):
@@ -108,7 +112,9 @@ def test_accelerate_launch_sft(tiny_model_dir, tmp_path, launcher_args, zero_sta
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, zero", [("dpo_training.py", 2), ("reward_modeling.py", 2), ("reward_modeling.py", 3)])
+@pytest.mark.parametrize("script, zero", [("dpo_training.py", 2),
+                                          pytest.param("reward_modeling.py", 2, marks=pytest.mark.extended),
+                                          ("reward_modeling.py", 3)])
 def test_two_process_preference_stages_with_zero(tiny_model_dir, preference_dir, tmp_path, script, zero):
     """DPO and the reward model under torchrun with ZeRO, with a validation set. The Trainer cannot
     evaluate before train() under DeepSpeed, so the reward model leaves out its *_before metrics.
