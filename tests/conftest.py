@@ -134,6 +134,22 @@ def preference_dir(tmp_path):
     return tmp_path / "pref"
 
 
+def run_main(script: str, *args) -> None:
+    """Run a project script's ``__main__`` in this process with these command-line arguments: the command a user
+    types, less the interpreter's start-up (each script also starts as a real command in some test)."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as ended:
+        if ended.code not in (0, None):
+            raise AssertionError(f"{script} {' '.join(sys.argv[1:])} stopped: {ended.code}") from None
+    finally:
+        sys.argv = argv
+
+
 def run_script(*args: str, timeout: int = 600, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a project script as a user would; fail with its output if it fails (unless ``check`` is false)."""
     result = subprocess.run(

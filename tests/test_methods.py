@@ -100,7 +100,7 @@ def test_lora_family_trains_and_its_saved_adapter_is_the_trained_model(tiny_mode
     """The adapter as saved, on the original base model (PiSSA/OLoRA converted to plain LoRA), gives exactly the
     trained model's held-out loss, lower than the base model's; merging gives the same model again."""
     import supervised_finetuning
-    from conftest import run_script
+    from conftest import run_main
     from medgpt.args import ModelArguments
     from medgpt.generation import ChatModel
 
@@ -118,8 +118,8 @@ def test_lora_family_trains_and_its_saved_adapter_is_the_trained_model(tiny_mode
     before, after = eval_loss(base.model, base.tokenizer, held_out), eval_loss(trained.model, trained.tokenizer, held_out)
     assert after == pytest.approx(metrics["eval_loss"], rel=1e-3) and after < before - 0.01, (before, after)
     merged = tmp_path / "merged"
-    run_script("merge_peft_adapter.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out),
-               "--output_dir", str(merged))
+    run_main("merge_peft_adapter.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out),
+             "--output_dir", str(merged))
     again = ChatModel.load(ModelArguments(model_name_or_path=str(merged)))
     assert eval_loss(again.model, again.tokenizer, held_out) == pytest.approx(after, rel=1e-3)
 
@@ -148,7 +148,7 @@ def test_freeze_tuning_trains_only_the_last_blocks(tiny_model_dir, tmp_path):
 def test_on_policy_distillation_brings_the_student_closer_to_the_teacher(tiny_model_dir, tmp_path):
     import opd_training
     import supervised_finetuning
-    from conftest import run_script
+    from conftest import run_main, run_script
 
     data = tmp_path / "data"
     write_jsonl(data / "train" / "a.jsonl", sft_records(16))
@@ -171,8 +171,8 @@ def test_on_policy_distillation_brings_the_student_closer_to_the_teacher(tiny_mo
     assert metrics["eval_answer_loss"] < metrics["eval_answer_loss_before"], metrics
     assert (tmp_path / "opd" / "model.safetensors").is_file()
     other = tmp_path / "other-tokenizer"  # a teacher with another tokenizer is refused with the remedy
-    run_script("-m", "medgpt.vocab", "--model_name_or_path", str(teacher), "--inputs", str(data / "train"),
-               "--num_new_tokens", "4", "--min_frequency", "2", "--output_dir", str(other))
+    run_main("medgpt/vocab.py", "--model_name_or_path", str(teacher), "--inputs", str(data / "train"),
+             "--num_new_tokens", "4", "--min_frequency", "2", "--output_dir", str(other))
     with pytest.raises(SystemExit, match="its tokenizer differs from the student's"):
         opd_training.main([*common[:2], "--teacher_model_name_or_path", str(other), *common[4:],
                            "--output_dir", str(tmp_path / "refused"), "--max_steps", "1"])

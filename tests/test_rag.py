@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 from medgpt.records import DataError
 from medgpt.rag import (
     Chunk,
@@ -198,22 +198,24 @@ def test_dense_fusion_improves_english_paraphrases(tmp_path):
     assert dense["unanswerable_refused"] >= 0.75
 
 
-def test_chatpdf_cites_sources_and_says_when_it_does_not_know(tiny_model_dir, tmp_path):
+def test_chatpdf_cites_sources_and_says_when_it_does_not_know(tiny_model_dir, tmp_path, capsys):
+    """The first question from the command line, the others through the script's __main__ in this process."""
     common = ["--base_model", str(tiny_model_dir), "--index_dir", str(tmp_path / "index"), "--max_new_tokens", "8"]
     answered = run_script("chatpdf.py", *common, "--question", "What blood pressure counts as hypertension?")
     assert "not medical advice" in answered.stdout
     assert re.search(r"Sources:\n\[1\] hypertension\.md:\d+", answered.stdout), answered.stdout
-    unknown = run_script("chatpdf.py", *common, "--question", "How do I reverse a linked list in Python?")
-    assert "I don't know" in unknown.stdout and "Sources:" not in unknown.stdout
-    chinese = run_script("chatpdf.py", *common, "--question", "红烧肉怎么做才能肥而不腻？")
-    assert "我不知道" in chinese.stdout
+    run_main("chatpdf.py", *common, "--question", "How do I reverse a linked list in Python?")
+    unknown = capsys.readouterr().out
+    assert "I don't know" in unknown and "Sources:" not in unknown
+    run_main("chatpdf.py", *common, "--question", "红烧肉怎么做才能肥而不腻？")
+    assert "我不知道" in capsys.readouterr().out
 
 
-def test_chatpdf_interactive_and_eval_report(tiny_model_dir, tmp_path):
+def test_chatpdf_interactive_and_eval_report(tiny_model_dir, tmp_path, capsys):
     report = tmp_path / "report.json"
-    run = run_script("chatpdf.py", "--index_dir", str(tmp_path / "index"), "--eval_file", str(QUESTIONS),
-                     "--eval_output", str(report))
-    assert "hit@3" in run.stdout and json.loads(report.read_text())["answerable"] >= 60
+    run_main("chatpdf.py", "--index_dir", str(tmp_path / "index"), "--eval_file", str(QUESTIONS),
+             "--eval_output", str(report))
+    assert "hit@3" in capsys.readouterr().out and json.loads(report.read_text())["answerable"] >= 60
     chat = run_script("chatpdf.py", "--base_model", str(tiny_model_dir), "--index_dir", str(tmp_path / "index"),
                       "--interactive", "--max_new_tokens", "8", input="痛风发作能喝酒吗？\nexit\n")
     assert "参考来源：\n[1] 痛风.txt" in chat.stdout

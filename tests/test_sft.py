@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script
+from conftest import run_main, run_script
 
 
 def sft_args(model_dir, data_dir, output_dir, *extra):
@@ -51,7 +51,7 @@ def test_lora_sft_then_merge_then_batch_inference(tiny_model_dir, sft_data_dir, 
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
 
     merged = tmp_path / "merged"
-    run_script("merge_peft_adapter.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out), "--output_dir", str(merged))
+    run_main("merge_peft_adapter.py", "--base_model", tiny_model_dir, "--lora_model", out, "--output_dir", merged)
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
     base = load_file(tiny_model_dir / "model.safetensors")
     merged_weights = load_file(merged / "model.safetensors")
@@ -61,7 +61,7 @@ def test_lora_sft_then_merge_then_batch_inference(tiny_model_dir, sft_data_dir, 
     questions = tmp_path / "questions.jsonl"
     questions.write_text('{"question": "What is a fever?"}\n{"question": "头痛怎么办？", "answer": "reference"}\n', encoding="utf-8")
     answers = tmp_path / "answers.jsonl"
-    run_script("inference.py", "--base_model", str(merged), "--data_file", str(questions), "--output_file", str(answers),
+    run_main("inference.py", "--base_model", str(merged), "--data_file", str(questions), "--output_file", str(answers),
                "--max_new_tokens", "5", "--batch_size", "2", "--temperature", "0")
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
     assert [r["question"] for r in rows] == ["What is a fever?", "头痛怎么办？"]
@@ -69,7 +69,7 @@ def test_lora_sft_then_merge_then_batch_inference(tiny_model_dir, sft_data_dir, 
 
     # base + adapter gives the same greedy answers as the merged model
     answers_lora = tmp_path / "answers_lora.jsonl"
-    run_script("inference.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out), "--data_file", str(questions),
+    run_main("inference.py", "--base_model", str(tiny_model_dir), "--lora_model", str(out), "--data_file", str(questions),
                "--output_file", str(answers_lora), "--max_new_tokens", "5", "--temperature", "0")
     assert [json.loads(l)["answer"] for l in answers_lora.read_text().splitlines()] == [r["answer"] for r in rows]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script, sft_records, write_jsonl
+from conftest import run_main, run_script, sft_records, write_jsonl
 
 TERMS = ["metformin", "hypertension", "胰岛素抵抗", "creatinine clearance", "anticoagulation", "高血压"]
 
@@ -52,13 +52,13 @@ def test_extend_vocabulary_then_pretrain_merge_and_finetune(tiny_model_dir, tmp_
     assert embedding.shape[0] == len(tokenizer) and not torch.equal(embedding[added], new[added])
 
     merged = tmp_path / "merged"
-    run_script("merge_peft_adapter.py", "--base_model", str(extended), "--lora_model", str(pt), "--output_dir",
-               str(merged))
+    run_main("merge_peft_adapter.py", "--base_model", str(extended), "--lora_model", str(pt), "--output_dir",
+             str(merged))
     merged_model = AutoModelForCausalLM.from_pretrained(merged)
     assert torch.equal(merged_model.get_input_embeddings().weight[added], embedding[added])
     data = write_jsonl(tmp_path / "sft" / "train.jsonl", sft_records(4))
-    run_script("supervised_finetuning.py", "--model_name_or_path", str(merged), "--train_files", str(data),
-               "--output_dir", str(tmp_path / "sft-out"), "--max_steps", "1", "--validation_split_percentage", "0",
-               "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size", "2",
-               "--max_length", "128", "--gradient_checkpointing", "false")
+    run_main("supervised_finetuning.py", "--model_name_or_path", str(merged), "--train_files", str(data),
+             "--output_dir", str(tmp_path / "sft-out"), "--max_steps", "1", "--validation_split_percentage", "0",
+             "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size", "2",
+             "--max_length", "128", "--gradient_checkpointing", "false")
     assert (tmp_path / "sft-out" / "metrics.json").is_file()
