@@ -18,31 +18,41 @@ in OpenAI's error shape. A body over --max_request_bytes gets 413 before it is r
 An answer's reasoning (a <think> block) comes back as message.reasoning_content, and
 the tool calls it makes as message.tool_calls with finish_reason "tool_calls" (in streams too).
 With --api_key (or MEDGPT_API_KEY) every request needs
-"Authorization: Bearer <key>". Requests are answered one generation at a time (queued);
-a client that disconnects mid-stream stops its generation.
+"Authorization: Bearer <key>".
+
+Concurrent requests are batched (dynamic batching): requests that arrive within --batch_window_ms of the
+oldest waiting one, up to --max_batch_size, are generated together in one left-padded batch (each prompt
+prefilled alone, the decoding steps shared); the next batch starts when this one is done (a request does
+not join a running batch). Streamed and plain requests batch together. Greedy requests (temperature 0)
+batch with each other and get the answer they get alone (only the rounding of batch-shaped steps differs,
+which in fp32 rarely flips a token); sampled requests batch with those of the same temperature and top_p.
+Each request keeps its own max_tokens and stop strings and is answered as soon as its own answer ends.
+--max_batch_size 1 answers one request at a time, in order of arrival. A client that disconnects stops
+its own generation; the others go on. GET /health reports the batches run so far, by size.
 
 Answers come from a language model: they can be wrong and are not medical advice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgpt.args import ModelArguments, parse_args, run_cli
-from medgpt.generation import ChatModel, GenerationArguments
+from medgpt.generation import ChatModel, DynamicBatcher, GenerationArguments
 
 
 @dataclass
@@ -64,6 +74,30 @@ class ServerArguments:
                   "1 MiB, holds any prompt of 32k tokens or fewer with tool schemas, and bounds the work one "
                   "request can cost before its prompt is measured."},
     )
+    max_batch_size: int = field(
+        default=16,
+        metadata={"help": "Most requests generated together in one batch (dynamic batching); 1 answers one request "
+                  "at a time. Memory grows with it: batch x (prompt + max_tokens) tokens of KV cache."},
+    )
+    batch_window_ms: float = field(
+        default=50.0,
+        metadata={"help": "How long the oldest waiting request waits for others to batch with, in milliseconds "
+                  "(requests that queued during the previous batch start at once)."},
+    )
+
+    def __post_init__(self):
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append(f"--max_batch_size {self.max_batch_size}: must be at least 1 (1: one request at a time).")
+        if not 0 <= self.batch_window_ms <= 10_000:
+            problems.append(f"--batch_window_ms {self.batch_window_ms}: must be between 0 and 10000.")
+        for name in ("max_input_tokens", "max_tokens_limit", "default_max_tokens", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} {getattr(self, name)}: must be at least 1.")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port {self.port}: must be between 0 and 65535.")
+        if problems:
+            raise ValueError(" ".join(problems))
 
 
 class Strict(BaseModel):
@@ -207,7 +241,15 @@ def error(status: int, message: str, code: str | None = None, param: str | None 
 
 
 def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
-    app = FastAPI(title="MedGPT OpenAI-compatible API", docs_url=None, redoc_url=None)
+    batcher = DynamicBatcher(chat, args.max_batch_size, args.batch_window_ms / 1000)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="MedGPT OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
     api_key = args.api_key or os.environ.get("MEDGPT_API_KEY")
 
     @app.middleware("http")
@@ -228,7 +270,8 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # batches run so far, by size (how well concurrent requests are batched)
+        return {"status": "ok", "batches": {str(size): count for size, count in sorted(batcher.batch_sizes.items())}}
 
     @app.get("/v1/models")
     async def models():
@@ -237,22 +280,26 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await request.body()  # over --max_request_bytes: 413 (BodyLimit)
-        try:  # parsing, the chat template and tokenization are CPU work: off the event loop, so others are served
-            body, messages, tools, max_tokens, prompt_tokens = await run_in_threadpool(prepare, raw, chat, args)
-        except RequestError as problem:
-            return error(400, str(problem), code=problem.code, param=problem.param)
-        settings = GenerationArguments(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                       top_k=0, repetition_penalty=1.0)
+        with batcher.arriving():  # a batch about to start waits (briefly) for this request
+            try:  # parsing, the chat template and tokenization are CPU work: off the event loop, so others are served
+                body, prompt, tools, max_tokens, prompt_tokens = await run_in_threadpool(prepare, raw, chat, args)
+            except RequestError as problem:
+                return error(400, str(problem), code=problem.code, param=problem.param)
+            settings = GenerationArguments(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                           top_k=0, repetition_penalty=1.0)
+            pending = batcher.submit(prompt, settings, body.stop, tools, stream=body.stream)
         created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         model_name = body.model or args.model_name
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                stream_chunks(chat, messages, settings, body.stop, request, completion_id, created, model_name,
-                              prompt_tokens, include_usage, tools),
+                stream_chunks(batcher, pending, request, completion_id, created, model_name, prompt_tokens,
+                              include_usage, tools),
                 media_type="text/event-stream",
             )
-        result = (await run_in_threadpool(chat.complete, [messages], settings, body.stop, tools))[0]
+        result = await answer(pending, request)
+        if result is None:  # the client left; nobody reads an answer
+            return Response(status_code=499)
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": 0, "message": answer_message(result.text, result.reasoning, result.tool_calls),
@@ -297,9 +344,23 @@ class BodyLimit:
             await self.too_large(scope, receive, send)
 
 
+async def answer(pending, request: Request):
+    """A batched request's Completion; None if the client disconnects first (its row is then stopped)."""
+    future = asyncio.wrap_future(pending.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=1.0)
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            pending.cancel.set()
+            future.cancel()
+            return None
+
+
 def prepare(raw: bytes, chat: ChatModel, args: ServerArguments) -> tuple:
-    """A request checked (fields, conversation, lengths): the request, its conversation, the tools offered,
-    max_tokens and the prompt's length in tokens. CPU work (the chat template, tokenization): run it in a thread."""
+    """A request checked (fields, conversation, lengths): the request, its prompt (the conversation rendered by
+    the chat template), the tools offered, max_tokens and the prompt's length in tokens. CPU work (the chat
+    template, tokenization): run it in a thread."""
     body = read_request(raw)
     if body.n != 1:
         raise RequestError("n: only n=1 is supported by this server.", param="n")
@@ -308,12 +369,13 @@ def prepare(raw: bytes, chat: ChatModel, args: ServerArguments) -> tuple:
     if max_tokens > args.max_tokens_limit:
         raise RequestError(f"max_tokens is {max_tokens}; this server allows at most {args.max_tokens_limit}.",
                            param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-    prompt_tokens = chat.count_tokens(chat.prompt(messages, tools=tools))
+    prompt = chat.prompt(messages, tools=tools)
+    prompt_tokens = chat.count_tokens(prompt)
     if prompt_tokens > args.max_input_tokens:
         raise RequestError(f"The messages are {prompt_tokens} tokens; this server accepts at most "
                            f"{args.max_input_tokens}. Shorten the conversation.", param="messages",
                            code="context_length_exceeded")
-    return body, messages, tools, max_tokens, prompt_tokens
+    return body, prompt, tools, max_tokens, prompt_tokens
 
 
 def request_conversation(body: ChatRequest) -> tuple[list[dict], list[dict] | None]:
@@ -363,22 +425,23 @@ def answer_message(content: str, reasoning: str | None, calls: list[dict]) -> di
     return message
 
 
-async def stream_chunks(chat, messages, settings, stop, request, completion_id, created, model_name,
-                        prompt_tokens, include_usage, tools=None):
+async def stream_chunks(batcher: DynamicBatcher, pending, request, completion_id, created, model_name, prompt_tokens,
+                        include_usage, tools=None):
     """Server-sent events: a role chunk, reasoning and content chunks, a finish chunk, optional usage, [DONE].
     With tools offered the answer is read whole before it is sent, so its tool calls can be taken out of it."""
+    chat = batcher.chat
 
     def chunk(delta: dict, finish_reason=None, **extra) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    stop_event = threading.Event()
+    settings, stop_event = pending.settings, pending.cancel
     text = ""
     try:
         yield chunk({"role": "assistant", "content": ""})
         raw = ""
-        async for kind, piece in iterate_in_threadpool(chat.stream_parts(messages, settings, stop, stop_event, tools)):
+        async for kind, piece in iterate_in_threadpool(batcher.parts(pending)):
             if await request.is_disconnected():
                 return  # finally stops the generation
             text += piece
@@ -387,8 +450,13 @@ async def stream_chunks(chat, messages, settings, stop, request, completion_id, 
                 yield chunk({"reasoning_content": piece})
             elif not tools:
                 yield chunk({"content": piece})
-        completion_tokens = chat.count_tokens(text)
-        finish = "length" if completion_tokens >= settings.max_new_tokens else "stop"
+        future = pending.future  # the answer's Completion is ready once its stream has ended
+        if future.done() and not future.cancelled() and future.exception() is None:
+            completion_tokens = future.result().completion_tokens  # exact: the tokens generated
+            finish = "stop" if future.result().finish_reason == "tool_calls" else future.result().finish_reason
+        else:
+            completion_tokens = chat.count_tokens(text)
+            finish = "length" if completion_tokens >= settings.max_new_tokens else "stop"
         if tools:
             parsed = chat.template.parse_response(raw, [tool["function"]["name"] for tool in tools])
             if parsed["content"]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import inspect
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -107,19 +113,23 @@ class ChatModel:
             output = self.model.generate(**batch, **self._generate_kwargs(settings, stop))
             self.model.train(was_training)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        results = []
-        for row, prompt_mask, prompt in zip(new_tokens, batch["attention_mask"], prompts):
-            generated = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
-            ended = bool(generated) and generated[-1] in self.stop_ids
-            text, stopped = self._cut(self.tokenizer.decode(generated, skip_special_tokens=True),
-                                      [*self.stop_strings, *stop])
-            finish = "stop" if ended or stopped or len(generated) < settings.max_new_tokens else "length"
-            parsed = self.parse(text, prompt, tools)
-            if parsed["tool_calls"]:
-                finish = "tool_calls"
-            results.append(Completion(parsed["content"], int(prompt_mask.sum()), len(generated), finish,
-                                      parsed["reasoning_content"], parsed["tool_calls"]))
-        return results
+        return [self._completion(row.tolist(), int(prompt_mask.sum()), prompt, settings.max_new_tokens, stop, tools)
+                for row, prompt_mask, prompt in zip(new_tokens, batch["attention_mask"], prompts)]
+
+    def _completion(self, tokens: list[int], prompt_tokens: int, prompt: str, max_new_tokens: int,
+                    stop: Sequence[str] = (), tools: Sequence[dict] | None = None) -> "Completion":
+        """One answer from its generated tokens (padding after its end left out): text cut at a stop string, its
+        reasoning and tool calls taken out, token counts and finish reason."""
+        generated = [t for t in tokens if t != self.tokenizer.pad_token_id]
+        ended = bool(generated) and generated[-1] in self.stop_ids
+        text, stopped = self._cut(self.tokenizer.decode(generated, skip_special_tokens=True),
+                                  [*self.stop_strings, *stop])
+        finish = "stop" if ended or stopped or len(generated) < max_new_tokens else "length"
+        parsed = self.parse(text, prompt, tools)
+        if parsed["tool_calls"]:
+            finish = "tool_calls"
+        return Completion(parsed["content"], prompt_tokens, len(generated), finish, parsed["reasoning_content"],
+                          parsed["tool_calls"])
 
     def parse(self, text: str, prompt: str, tools: Sequence[dict] | None = None) -> dict:
         """A generated text as content, reasoning and tool calls (see the template's parse_response)."""
@@ -142,8 +152,13 @@ class ChatModel:
         """Like :meth:`stream`, as ``("reasoning" | "content", piece)``: the reasoning (a <think> block, or what
         follows a prompt that opened one) comes apart from the answer."""
         opened = self.prompt(messages, settings.system_prompt, tools).rstrip().endswith(THINK_OPEN)
+        yield from self._parts(self.stream(messages, settings, stop, stop_event, tools), opened)
+
+    @staticmethod
+    def _parts(pieces: Iterator[str], opened: bool) -> Iterator[tuple[str, str]]:
+        """Streamed answer text as ``("reasoning" | "content", piece)``; ``opened``: the prompt opened a <think>."""
         state, buffer = ("reasoning" if opened else "start"), ""
-        for piece in self.stream(messages, settings, stop, stop_event, tools):
+        for piece in pieces:
             buffer += piece
             while buffer:
                 if state == "start":
@@ -200,27 +215,29 @@ class ChatModel:
                       stopping_criteria=StoppingCriteriaList([_Stop()]))
         thread = threading.Thread(target=self._generate_in_thread, args=(kwargs, streamer), daemon=True)
         thread.start()
-        stops = [*self.stop_strings, *stop]
-        text, sent = "", 0
         try:
-            for piece in streamer:
-                text += piece
-                visible, stopped = self._cut(text, stops)
-                # hold back a tail that could be the start of a stop string
-                hold = 0 if stopped else max((len(w) - 1 for w in stops), default=0)
-                end = max(sent, len(visible) - hold)
-                if end > sent:
-                    yield visible[sent:end]
-                    sent = end
-                if stopped:
-                    break
-            else:
-                visible, _ = self._cut(text, stops)
-                if len(visible) > sent:
-                    yield visible[sent:]
+            yield from self._visible(streamer, [*self.stop_strings, *stop])
         finally:
             stop_event.set()
             thread.join()
+
+    @classmethod
+    def _visible(cls, pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
+        """Streamed text up to the first stop string, holding back a tail that could be the start of one."""
+        text, sent = "", 0
+        for piece in pieces:
+            text += piece
+            visible, stopped = cls._cut(text, stops)
+            hold = 0 if stopped else max((len(w) - 1 for w in stops), default=0)
+            end = max(sent, len(visible) - hold)
+            if end > sent:
+                yield visible[sent:end]
+                sent = end
+            if stopped:
+                return
+        visible, _ = cls._cut(text, stops)
+        if len(visible) > sent:
+            yield visible[sent:]
 
     @torch.inference_mode()
     def _generate_in_thread(self, kwargs: dict, streamer) -> None:
@@ -242,3 +259,313 @@ class Completion:
     finish_reason: str  # "stop" (end of turn or a stop string), "length" (max_new_tokens) or "tool_calls"
     reasoning: str | None = None  # the reasoning the answer came with, taken out of ``text``
     tool_calls: list = field(default_factory=list)  # [{"type": "function", "function": {"name", "arguments"}}]
+
+
+# ---------------------------------------------------------------- dynamic batching (the API server)
+
+
+@dataclass
+class BatchRequest:
+    """A request waiting for, or in, a shared batch: its rendered prompt, settings, stop strings, the tools offered,
+    ``cancel`` (set by the caller to end it early), ``future`` (its Completion when it ends) and, when streamed,
+    ``streamer`` (its text pieces as they are generated)."""
+
+    prompt: str
+    settings: GenerationArguments
+    stop: tuple[str, ...] = ()
+    tools: list[dict] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    streamer: object | None = None  # a TextIteratorStreamer for a streamed request
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests batch together when they decode alike: greedy, or sampling with the same settings."""
+        s = self.settings
+        if s.temperature > 0:
+            return ("sample", s.temperature, s.top_p, s.top_k, s.repetition_penalty)
+        return ("greedy", s.repetition_penalty)
+
+
+class DynamicBatcher:
+    """Answers requests from many threads in shared left-padded batches (dynamic batching).
+
+    A worker thread takes the oldest waiting request and the ones that arrived with it: it waits up to ``window``
+    seconds after the oldest arrived (longer, up to ARRIVAL_GRACE, while requests are still being prepared: see
+    :meth:`arriving`) for up to ``max_batch_size`` requests that decode alike (greedy ones together; sampled ones
+    with the same temperature, top_p, top_k and repetition penalty), then generates them in one ``generate`` call,
+    each prompt prefilled alone (no padding computed) and the decoding steps shared. Requests that arrive meanwhile
+    wait for the next batch (no request joins a running one). Each row keeps its own ``max_new_tokens``, stop
+    strings and cancel event, and ends on its own: its answer (or its stream) is complete as soon as its row is,
+    not when the whole batch is. Greedy answers equal those of the same request alone: padding is masked, so only
+    the floating-point rounding of batch-shaped steps differs, which in fp32 flips a greedy token rarely (bf16/fp16
+    on a GPU flip near ties more often). ``max_batch_size=1`` answers one request at a time, in order of arrival.
+    """
+
+    ARRIVAL_GRACE = 1.0  # seconds a batch may wait beyond the window for requests still being prepared
+
+    def __init__(self, chat: ChatModel, max_batch_size: int = 16, window: float = 0.05):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.chat, self.max_batch_size, self.window = chat, max_batch_size, window
+        self.pending: list[BatchRequest] = []
+        self.preparing = 0  # requests on their way (being parsed and tokenized): see arriving()
+        self.condition = threading.Condition()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batches run, by size
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around a request's preparation (parsing, chat template, tokenization) and its submit: while requests are
+        on their way, the next batch waits for them, up to ARRIVAL_GRACE seconds beyond the window. A burst of
+        requests whose preparation takes longer than the window (a busy CPU) then still makes one batch."""
+        with self.condition:
+            self.preparing += 1
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.preparing -= 1
+                self.condition.notify_all()
+
+    def submit(self, prompt: str, settings: GenerationArguments, stop: Sequence[str] = (),
+               tools: Sequence[dict] | None = None, stream: bool = False,
+               cancel: threading.Event | None = None) -> BatchRequest:
+        """Queue a rendered prompt (``chat.prompt(...)``); the request's ``future`` gives its Completion."""
+        from transformers import TextIteratorStreamer
+
+        request = BatchRequest(prompt, settings, tuple(stop), list(tools) if tools else None,
+                               cancel or threading.Event())
+        if stream:
+            request.streamer = TextIteratorStreamer(self.chat.tokenizer, skip_special_tokens=True)
+        with self.condition:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="medgpt-batcher", daemon=True)
+                self.thread.start()
+            self.pending.append(request)
+            self.condition.notify()
+        return request
+
+    def complete(self, messages: Sequence[dict], settings: GenerationArguments, stop: Sequence[str] = (),
+                 tools: Sequence[dict] | None = None) -> Completion:
+        """One conversation's answer, generated in a batch with whatever else is waiting (blocks until done)."""
+        prompt = self.chat.prompt(messages, settings.system_prompt, tools)
+        return self.submit(prompt, settings, stop, tools).future.result()
+
+    def stream_parts(self, prompt: str, settings: GenerationArguments, stop: Sequence[str] = (),
+                     stop_event: threading.Event | None = None,
+                     tools: Sequence[dict] | None = None) -> Iterator[tuple[str, str]]:
+        """Like ChatModel.stream_parts, for a rendered prompt, generated in a batch. Setting ``stop_event`` or
+        leaving the iteration ends this request's row; the others go on."""
+        return self.parts(self.submit(prompt, settings, stop, tools, stream=True, cancel=stop_event))
+
+    def parts(self, request: BatchRequest) -> Iterator[tuple[str, str]]:
+        """A streamed request's answer as ``("reasoning" | "content", piece)``; once it ends, ``request.future``
+        holds its Completion (exact token count and finish reason)."""
+        try:
+            pieces = self.chat._visible(request.streamer, [*self.chat.stop_strings, *request.stop])
+            yield from self.chat._parts(pieces, request.prompt.rstrip().endswith(THINK_OPEN))
+            failed = request.future.done() and not request.future.cancelled() and request.future.exception()
+            if failed and not request.cancel.is_set():
+                raise failed
+        finally:
+            request.cancel.set()
+
+    def close(self) -> None:
+        """Stop the worker after the running batch; requests still waiting are cancelled."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify_all()
+            waiting, self.pending = self.pending, []
+        for request in waiting:
+            self._drop(request)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=60)
+
+    @staticmethod
+    def _drop(request: BatchRequest) -> None:
+        request.future.cancel()
+        if request.streamer is not None:
+            request.streamer.end()
+
+    def _next_batch(self) -> list[BatchRequest] | None:
+        """The next batch: the oldest request and those that decode alike, once the batch is full or the oldest
+        has waited ``window`` seconds. None once closed."""
+        with self.condition:
+            while True:
+                for request in [r for r in self.pending if r.cancel.is_set()]:  # the client left before it began
+                    self.pending.remove(request)
+                    self._drop(request)
+                if self.closed:
+                    return None
+                if not self.pending:
+                    self.condition.wait()
+                    continue
+                groups: dict[tuple, list[BatchRequest]] = {}  # by the arrival of their oldest request
+                for request in self.pending:
+                    groups.setdefault(request.batch_key, []).append(request)
+                grace = self.ARRIVAL_GRACE if self.preparing else 0.0
+                wait = self.pending[0].arrived + self.window + grace - time.monotonic()
+                batch = next((group for group in groups.values() if len(group) >= self.max_batch_size),
+                             None if wait > 0 else groups[self.pending[0].batch_key])
+                if batch is not None:
+                    batch = batch[: self.max_batch_size]
+                    for request in batch:
+                        self.pending.remove(request)
+                    return batch
+                self.condition.wait(wait)
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self.batch_sizes[len(batch)] += 1
+            try:
+                self._generate(batch)
+            except Exception as error:  # every request of the batch hears of it; the worker goes on
+                for request in batch:
+                    _settle(request.future, error=error)
+                    if request.streamer is not None:
+                        request.streamer.end()
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[BatchRequest]) -> None:
+        from transformers import StoppingCriteriaList
+
+        chat = self.chat
+        encoded = chat._encode([request.prompt for request in batch])
+        longest = max(request.settings.max_new_tokens for request in batch)
+        kwargs = chat._generate_kwargs(dataclasses.replace(batch[0].settings, max_new_tokens=longest))
+        kwargs.pop("stop_strings", None)  # each row's own stop strings: _RowStops
+        kwargs.pop("tokenizer", None)
+        rows = _RowStops(chat, batch, encoded)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([rows])
+        if any(request.streamer is not None for request in batch):
+            kwargs["streamer"] = _RowStreamer(rows)
+        with chat.lock:
+            was_training = chat.model.training
+            chat.model.eval()
+            try:
+                cache = self._prefill_apart(encoded) if len(batch) > 1 else None
+                if cache is not None:
+                    kwargs["past_key_values"] = cache
+                output = chat.model.generate(**encoded, **kwargs)
+            finally:
+                chat.model.train(was_training)
+        for index, ended in enumerate(rows.ended):  # every row ends with the criterion; this is a safety net
+            if ended is None:
+                rows._answer(index, output[index, rows.width:].tolist())
+
+    def _prefill_apart(self, encoded: dict):
+        """The batch's KV cache with each prompt (all but its last token) computed alone, then left-padded
+        together: a padded prefill would compute every row at the longest prompt's length, and prefill is most
+        of the work of short answers on a CPU. generate() then starts from the prompts' last tokens. None (a
+        padded prefill by generate) for caches other than the plain per-layer one (sliding windows, ...)."""
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        width, lengths = ids.shape[1], mask.sum(dim=1).tolist()
+        if min(lengths) < 2 or bool((mask[:, -1] == 0).any()):  # not left-padded as expected
+            return None
+        parameters = inspect.signature(self.chat.model.forward).parameters
+        only_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters or any(
+            p.kind is p.VAR_KEYWORD for p in parameters.values()) else {}  # no logits for the whole prompt
+        caches = [self.chat.model(input_ids=ids[row:row + 1, width - length:width - 1], use_cache=True,
+                                  **only_last).past_key_values for row, length in enumerate(lengths)]
+        if any(type(layer).__name__ != "DynamicLayer" for cache in caches for layer in getattr(cache, "layers", [None])):
+            return None
+        batched = caches[0]
+        for index, layer in enumerate(batched.layers):
+            for name in ("keys", "values"):
+                parts = [getattr(cache.layers[index], name) for cache in caches]
+                setattr(layer, name, torch.cat([torch.nn.functional.pad(part, (0, 0, width - 1 - part.shape[-2], 0))
+                                                for part in parts]))
+        return batched
+
+
+class _RowStops:
+    """The stopping criterion of a shared batch, row by row: its end-of-turn tokens, its stop strings (the
+    template's and the request's, matched as ``generate(stop_strings=...)`` matches them), its max_new_tokens and
+    its cancel event. When a row ends, its request gets its Completion at once."""
+
+    def __init__(self, chat: ChatModel, batch: list[BatchRequest], encoded: dict):
+        from transformers import StopStringCriteria
+
+        self.chat, self.batch = chat, batch
+        self.width = encoded["input_ids"].shape[1]
+        self.prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+        self.ended: list[int | None] = [None] * len(batch)  # tokens generated when each row ended
+        device = encoded["input_ids"].device
+        self.stop_ids = torch.tensor(chat.stop_ids, device=device)
+        self.limits = torch.tensor([request.settings.max_new_tokens for request in batch], device=device)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(batch):
+            words = tuple(dict.fromkeys([*chat.stop_strings, *request.stop]))
+            if words:
+                groups.setdefault(words, []).append(index)
+        self.string_stops = [(StopStringCriteria(chat.tokenizer, list(words)), torch.tensor(rows, device=device))
+                             for words, rows in groups.items()]
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.width
+        done = torch.isin(input_ids[:, -1], self.stop_ids) | (self.limits <= generated)
+        for criterion, rows in self.string_stops:
+            done[rows] |= criterion(input_ids[rows], scores)
+        finished = done.tolist()
+        for index, request in enumerate(self.batch):
+            if self.ended[index] is None and (finished[index] or request.cancel.is_set()):
+                self.ended[index] = generated
+                self._answer(index, input_ids[index, self.width:].tolist())
+        return torch.tensor([ended is not None for ended in self.ended], device=input_ids.device)
+
+    def _answer(self, index: int, tokens: list[int]) -> None:
+        request = self.batch[index]
+        if request.future.done():  # cancelled: its client left
+            return
+        try:
+            completion = self.chat._completion(tokens, int(self.prompt_tokens[index]), request.prompt,
+                                               request.settings.max_new_tokens, request.stop, request.tools)
+        except Exception as error:  # a problem of this answer only
+            _settle(request.future, error=error)
+        else:
+            _settle(request.future, completion)
+
+
+def _settle(future: concurrent.futures.Future, result=None, error: Exception | None = None) -> None:
+    """Give a request its answer (or error), unless it was cancelled meanwhile (from the client's thread)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+class _RowStreamer:
+    """``generate``'s streamer for a shared batch: each streamed row's tokens go to its request's streamer, up to
+    and including the token that ended the row; then that streamer ends."""
+
+    def __init__(self, rows: _RowStops):
+        self.rows, self.step, self.prompt_seen = rows, 0, False
+        self.open = {i for i, request in enumerate(rows.batch) if request.streamer is not None}
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        for index in sorted(self.open):
+            ended = self.rows.ended[index]
+            request = self.rows.batch[index]
+            if ended is None or self.step < ended:
+                request.streamer.put(torch.tensor([tokens[index]]))
+            if ended is not None and self.step + 1 >= ended:
+                request.streamer.end()
+                self.open.discard(index)
+        self.step += 1
+
+    def end(self) -> None:
+        for index in self.open:
+            self.rows.batch[index].streamer.end()
+        self.open.clear()
