@@ -4,8 +4,9 @@
         --qa_files data/sft/eval --text_files data/pretrain/eval --mcq_files data/grpo/eval \\
         --reward_models rm=outputs/rm --preference_files data/preference/eval --output_dir outputs/eval
 
-A model is NAME=PATH (a merged or full model folder), NAME=BASE+ADAPTER (a LoRA adapter on its
-base), or NAME=DEFAULT (the embedded default model). Each model is measured on what is given:
+A model is NAME=PATH (a merged or full model folder, a 4/8-bit folder or a .gguf file from
+quantize_model.py), NAME=BASE+ADAPTER (a LoRA adapter on its base), or NAME=DEFAULT (the embedded
+default model). Each model is measured on what is given:
 
     --qa_files          answers to held-out questions vs. their references: BLEU-1..4 and ROUGE-L
                         (sacrebleu / rouge-score; Chinese by characters, English by words)

@@ -43,6 +43,9 @@ def explain_load_errors(flag: str, path: str):
         raise ModelLoadError(f"{flag} {path}: a weights file there is damaged ({error}); copy or download the "
                              "model again.") from None
     except ValueError as error:
+        if "GGUF" in str(error):  # an architecture transformers' GGUF reader does not load
+            raise ModelLoadError(f"{flag} {path}: {error} Load the original Hugging Face folder instead, or run "
+                                 "the GGUF file with llama.cpp / Ollama.") from None
         if "trust_remote_code" not in str(error):
             raise
         raise ModelLoadError(f"{flag} {path}: the folder ships its own modeling code (auto_map in its config), "
@@ -54,6 +57,40 @@ def resolve_model_path(model_args: ModelArguments) -> str:
     if not model_args.model_name_or_path:
         model_args.model_name_or_path = str(prepare_default_model())
     return model_args.model_name_or_path
+
+
+def gguf_location(path: str) -> tuple[str, dict]:
+    """Where transformers finds a model given as a GGUF file, or as a folder holding one .gguf and no
+    config.json (quantize_model.py writes such a folder): ``(folder, {"gguf_file": name})``; else ``(path, {})``.
+    Transformers' GGUF loader de-quantizes the weights."""
+    given = Path(path)
+    if given.suffix.lower() == ".gguf" and given.is_file():
+        return str(given.parent), {"gguf_file": given.name}
+    if given.is_dir() and not (given / "config.json").is_file():
+        found = sorted(given.glob("*.gguf"))
+        if len(found) == 1:
+            return str(given), {"gguf_file": found[0].name}
+    return path, {}
+
+
+def _tokenizer_class(folder: str, gguf: dict):
+    """AutoTokenizer, but the plain fast tokenizer for a byte-level BPE vocabulary in a GGUF file: AutoTokenizer
+    would parse the whole file again only to name that same class (seconds for a 50k-token vocabulary)."""
+    if not gguf:
+        return AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    metadata, _ = read_gguf_metadata(str(Path(folder, gguf["gguf_file"])))
+    return PreTrainedTokenizerFast if metadata.get("tokenizer.ggml.model") == "gpt2" else AutoTokenizer
+
+
+def _saved_quantization(folder: str, gguf: dict) -> bool:
+    """Whether a model folder holds weights saved quantized (e.g. by quantize_model.py --method bnb-4bit)."""
+    import json
+
+    config = Path(folder, "config.json")
+    return not gguf and config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 def check_reward_model(path: str, flag: str = "--reward_model_path") -> None:
@@ -83,8 +120,10 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
     """
     path = model_args.tokenizer_name_or_path or resolve_model_path(model_args)
     flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    folder, gguf = gguf_location(path)
     with explain_load_errors(flag, path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = _tokenizer_class(folder, gguf).from_pretrained(
+            folder, trust_remote_code=model_args.trust_remote_code, **gguf)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         candidates = [tokenizer.unk_token, tokenizer.bos_token]
         spare = next((t for t in candidates if t and t not in (tokenizer.eos_token, None)), None)
@@ -103,11 +142,15 @@ def load_template(model_args: ModelArguments, tokenizer):
     return get_template(model_args.template_name, tokenizer, model_args.tool_format, model_args.enable_thinking)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, frozen_bf16: bool = False) -> torch.dtype:
+    """The weights' dtype for --torch_dtype. ``frozen_bf16``: the weights stay frozen (LoRA) and training runs
+    bf16 mixed precision, so ``auto`` loads them in bf16 on the CPU too (only the adapter and its optimizer
+    state, kept fp32 by PEFT, are updated): half the weight memory, and autocast no longer casts every fp32
+    weight to bf16 (and keeps that copy for the backward pass) at every step."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if frozen_bf16 else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
@@ -138,31 +181,38 @@ def load_model(
     training: bool = True,
     gradient_checkpointing: bool = False,
     train_embeddings: bool = False,
+    mixed_precision: bool = False,
 ):
     """Load a causal LM (or a sequence-classification head for reward models), quantized and
     LoRA-wrapped as the arguments say. With ``training=False`` an adapter is loaded for inference.
+    ``mixed_precision`` (the trainer's --bf16): with LoRA, where every weight outside the adapter is
+    frozen, ``--torch_dtype auto`` loads the weights in bf16 on the CPU as it does on GPUs.
     """
     path = resolve_model_path(model_args)
-    dtype = resolve_dtype(model_args.torch_dtype)
+    # bf16 frozen weights only where nothing but the fp32 adapter trains (no head, embeddings or blocks in full,
+    # which would train in bf16) and the weights are not quantized (QLoRA keeps its own dtype policy).
+    frozen = (training and mixed_precision and lora_args is not None and lora_args.use_peft and task == "causal-lm"
+              and not (train_embeddings or lora_args.modules_to_save or lora_args.freeze_trainable_layers
+                       or model_args.load_in_4bit or model_args.load_in_8bit))
+    dtype = resolve_dtype(model_args.torch_dtype, frozen_bf16=frozen)
     quant = quantization_config(model_args, dtype)
     if quant is not None and lora_args is not None and training and not lora_args.use_peft:
         raise ValueError(
             "Quantized weights cannot be trained directly: --load_in_4bit/--load_in_8bit need --use_peft true (QLoRA)."
         )
-    kwargs = dict(
-        dtype=dtype,
-        trust_remote_code=model_args.trust_remote_code,
-        quantization_config=quant,
-    )
+    kwargs = dict(dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    if quant is not None:  # passing None would also drop the quantization a saved 4/8-bit folder declares
+        kwargs["quantization_config"] = quant
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    if quant is not None and torch.cuda.is_available():
+    folder, gguf = gguf_location(path)
+    if (quant is not None or _saved_quantization(folder, gguf)) and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     with explain_load_errors("--model_name_or_path", path):
         if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **kwargs)
         elif task == "sequence-classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **gguf, **kwargs)
         else:
             raise ValueError(f"unknown task {task}")
 

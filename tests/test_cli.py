@@ -12,7 +12,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 
 SCRIPTS = ["pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py", "ppo_training.py",
            "grpo_training.py", "merge_peft_adapter.py", "inference.py", "gradio_demo.py", "openai_api.py", "evaluate_model.py", "run_pipeline.py", "template.py", "chatpdf.py", "opd_training.py",
-           "-m medgpt.vocab", "-m medgpt.student"]
+           "-m medgpt.vocab", "-m medgpt.student", "quantize_model.py"]
 STAGE_OF_CONFIG = {"pt.yaml": "pretraining", "sft.yaml": "supervised_finetuning", "rm.yaml": "reward_modeling",
                    "dpo.yaml": "dpo_training", "ppo.yaml": "ppo_training", "grpo.yaml": "grpo_training",
                    "opd.yaml": "opd_training"}
