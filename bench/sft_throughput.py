@@ -1,21 +1,27 @@
-"""SFT throughput: MedGPT's SFT path against a plain padded HF Trainer, in one run.
+"""SFT throughput: supervised_finetuning.py with its defaults against the reference way of LoRA SFT, in one run.
 
     .venv/bin/python bench/sft_throughput.py                      # embedded model, shipped SFT data
-    .venv/bin/python bench/sft_throughput.py --steps 4 --model /tmp/tiny
+    .venv/bin/python bench/sft_throughput.py --precision fp32     # both sides fp32 (weights and compute)
+    .venv/bin/python bench/sft_throughput.py --steps 2 --model /tmp/tiny
 
-Both sides train the same model (LoRA, same settings) on the same conversations for the same number
-of optimizer steps with the same rows per step:
+Both sides train the same model with the same LoRA (r 8, alpha 16, every linear layer, the
+stage's dropout 0.05) on the same
+tokenized conversations (data/sft/train, each at most --max_length tokens) for the same number of
+optimizer steps with the same rows per step:
 
-- medgpt:   supervised_finetuning.py's path with its defaults for this machine: conversations
-            packed into --max_length rows with block-diagonal attention, TRL's SFTTrainer (its
-            chunked loss computes the output layer only on answer tokens), bf16 autocast where the
-            CPU/GPU computes bf16 natively.
-- baseline: transformers' Trainer, each row one conversation padded to the longest in its batch,
-            full-vocabulary logits and loss, fp32.
+- medgpt:   supervised_finetuning.py's own trainer (``build_trainer``) with the stage's defaults for
+            this machine, as ``parse`` resolves them with no config file (only model, data, rows, length,
+            steps and LoRA size given): e.g. packing and, where the CPU/GPU computes bf16 natively, bf16.
+- baseline: the reference toolkit's documented settings: weights loaded with dtype=bfloat16 and
+            ``bf16=True``, a plain transformers Trainer, one conversation per row padded to the longest in
+            its batch (truncated to --max_length), full-vocabulary logits and loss.
 
-Printed per side: real (non-padding) tokens per second, model FLOPs utilization against a matmul
-peak measured in the same run in that side's precision, and peak memory (RSS on CPU, max allocated on GPU); then the ratios.
-Each side runs in its own process so peak memory is its own.
+``--precision fp32`` instead runs both sides in fp32 (weights and compute: baseline fp32 weights without
+bf16, medgpt with ``--bf16 false``), an fp32-vs-fp32 comparison.
+
+Printed per side: real (non-padding) tokens per second, model FLOPs utilization against a matmul peak
+measured in the same run in that side's precision, and peak memory (RSS on CPU, max allocated on GPU);
+then the ratios. Each side runs in its own process so peak memory is its own.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SPEED_TARGET, MEMORY_TARGET = 1.5, 0.35  # issue 17: medgpt / baseline
 
 
 def matmul_peak_flops(dtype_name: str = "float32", size: int = 2048, repeats: int = 5) -> float:
@@ -61,52 +69,61 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def load_rows(args, tokenizer, template):
+def stage_flags(args) -> list[str]:
+    """What the comparison fixes for supervised_finetuning.py; everything else is the stage's default."""
+    flags = ["--train_file_dir", args.data_dir, "--output_dir", args.workdir, "--max_length", str(args.max_length),
+             "--per_device_train_batch_size", str(args.rows), "--gradient_accumulation_steps", "1",
+             "--max_steps", str(args.steps), "--lora_r", "8", "--lora_alpha", "16",
+             "--lora_target_modules", "all-linear", "--learning_rate", "1e-4", "--logging_steps", "1",
+             "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--seed", "0",
+             "--gradient_checkpointing", "false", "--dataloader_num_workers", "0"]
+    if args.model:
+        flags += ["--model_name_or_path", args.model]
+    if args.precision == "fp32":
+        flags += ["--bf16", "false", "--torch_dtype", "float32"]
+    return flags + args.medgpt_flags.split()
+
+
+def load_rows(data_dir, max_length, tokenizer, template):
+    """The shipped conversations tokenized once, each cut to at most max_length tokens (both sides use these)."""
     from medgpt.data_files import find_data_files, raw_records
     from medgpt.tokenization import build_sft_dataset
 
-    records = raw_records(find_data_files(args.data_dir, None, (".jsonl", ".json"), "train"))
-    dataset, _ = build_sft_dataset(records, tokenizer, template, args.max_length, "skip")
-    return dataset
+    records = raw_records(find_data_files(data_dir, None, (".jsonl", ".json"), "train"))
+    dataset, _ = build_sft_dataset(records, tokenizer, template, max_length, "truncate")
+    return dataset.select_columns(["input_ids", "labels"])
 
 
 def run_side(args) -> dict:
     """Train one side for --steps optimizer steps; return its measurements."""
     import torch
-    from transformers import Trainer, TrainingArguments
-    from trl import SFTConfig, SFTTrainer
 
-    from medgpt.args import LoraArguments, ModelArguments, _hardware_defaults
-    from medgpt.modeling import load_model, load_tokenizer
-    from medgpt.packing import SFTCollator, block_mask_trainer, pack_sequences
-    from medgpt.chat_template import get_template
+    import supervised_finetuning
+    from medgpt.modeling import load_template, load_tokenizer
 
-    torch.manual_seed(0)
-    model_args = ModelArguments(model_name_or_path=args.model)
+    model_args, _, lora_args, training_args, _ = supervised_finetuning.parse(stage_flags(args))
     tokenizer = load_tokenizer(model_args)
-    template = get_template(None, tokenizer)
-    dataset = load_rows(args, tokenizer, template)
-    model = load_model(model_args, LoraArguments())
-    params = sum(p.numel() for p in model.parameters())
-    common = dict(output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.rows,
-                  learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                  gradient_checkpointing=False, dataloader_pin_memory=False)
-    # MedGPT's default precision for this machine (bf16 autocast where the CPU or GPU does bf16 natively)
-    # against the baseline's plain fp32.
-    precision = _hardware_defaults() if args.side == "medgpt" else {"bf16": False}
-    common.update({k: v for k, v in precision.items() if k in ("bf16", "use_cpu")})
-    collator = SFTCollator(tokenizer.pad_token_id, dtype=model.dtype)
+    template = load_template(model_args, tokenizer)
+    dataset = load_rows(args.data_dir, args.max_length, tokenizer, template)
+    torch.manual_seed(0)
     if args.side == "medgpt":
-        dataset = pack_sequences(dataset, args.max_length, seed=0)
-        config = SFTConfig(**common, max_length=args.max_length, dataset_kwargs={"skip_prepare_dataset": True})
-        trainer = block_mask_trainer(SFTTrainer)(model=model, args=config, train_dataset=dataset,
-                                                 processing_class=tokenizer, data_collator=collator)
+        packing = training_args.packing
+        if packing:
+            from medgpt.packing import pack_sequences
+
+            dataset = pack_sequences(dataset, args.max_length, seed=training_args.seed)
+        trainer = supervised_finetuning.build_trainer(model_args, lora_args, training_args, tokenizer, dataset)
+        bf16 = training_args.bf16
+        description = ("packed" if packing else "padded") + (", bf16" if bf16 else ", fp32")
     else:
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
-                          processing_class=tokenizer, data_collator=collator)
+        trainer, bf16 = reference_trainer(args, model_args, lora_args, training_args, tokenizer, dataset)
+        description = "padded, " + ("bf16 weights + bf16" if bf16 else "fp32")
+    model = trainer.model
+    params = sum(p.numel() for p in model.parameters())
+    weights_dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
 
     real_tokens = 0
-    original = collator.__call__
+    original = trainer.data_collator
 
     def counting(features):  # count the non-padding tokens actually fed
         nonlocal real_tokens
@@ -117,21 +134,51 @@ def run_side(args) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    peak = matmul_peak_flops("bfloat16" if common.get("bf16") else "float32")
+    peak = matmul_peak_flops("bfloat16" if bf16 else "float32")
     tokens_per_second = real_tokens / seconds
     # training FLOPs per token ~ 6 x parameters (forward + backward), the usual MFU convention
-    return {"side": args.side, "bf16": bool(common.get("bf16")), "steps": args.steps, "real_tokens": real_tokens, "seconds": seconds,
+    return {"side": args.side, "bf16": bool(bf16), "description": description, "weights": weights_dtype,
+            "steps": args.steps, "real_tokens": real_tokens, "seconds": seconds,
             "tokens_per_second": tokens_per_second, "mfu": 6 * params * tokens_per_second / peak,
             "matmul_peak_gflops": peak / 1e9, "peak_memory_gib": peak_memory_bytes() / 2**30}
+
+
+def reference_trainer(args, model_args, lora_args, training_args, tokenizer, dataset):
+    """The reference toolkit's documented LoRA SFT: bf16 weights and bf16=True (fp32 with --precision fp32),
+    transformers' Trainer, one conversation per row padded to the longest in the batch, full-vocabulary logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from medgpt.modeling import resolve_model_path
+
+    bf16 = args.precision == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args),
+                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                             lora_dropout=lora_args.lora_dropout,
+                                             target_modules="all-linear"))
+    settings = TrainingArguments(
+        output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.rows, learning_rate=1e-4,
+        logging_steps=1, save_strategy="no", report_to=[], seed=0, gradient_checkpointing=False,
+        dataloader_pin_memory=False, dataloader_num_workers=0, bf16=bf16, use_cpu=training_args.use_cpu)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    return Trainer(model=model, args=settings, train_dataset=dataset, processing_class=tokenizer,
+                   data_collator=collator), bf16
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Model folder (default: the embedded model).")
     parser.add_argument("--data_dir", default=str(ROOT / "data/sft/train"))
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--rows", type=int, default=2, help="Rows per step (packed rows vs padded conversations).")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=4, help="Rows per step (packed rows vs padded conversations).")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: the reference's bf16 settings against MedGPT's defaults; fp32: both sides fp32.")
+    parser.add_argument("--medgpt_flags", default="", help="Extra supervised_finetuning.py flags for the medgpt side "
+                        "(ablations), e.g. '--packing false' or '--torch_dtype float32'.")
+    parser.add_argument("--sides", default="baseline,medgpt", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["medgpt", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default="/tmp/medgpt-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,9 +186,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_side(args)), flush=True)
         return
     results = {}
-    for side in ("baseline", "medgpt"):
+    for side in args.sides.split(","):
         command = [sys.executable, __file__, "--side", side, "--data_dir", args.data_dir, "--max_length",
-                   str(args.max_length), "--rows", str(args.rows), "--steps", str(args.steps)]
+                   str(args.max_length), "--rows", str(args.rows), "--steps", str(args.steps),
+                   "--precision", args.precision, "--workdir", args.workdir,
+                   f"--medgpt_flags={args.medgpt_flags}", "--sides", args.sides]
         if args.model:
             command += ["--model", args.model]
         output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
@@ -150,15 +199,18 @@ def main() -> None:
         if output.returncode != 0 or not lines:
             raise SystemExit(f"{side} failed:\n{output.stderr[-3000:]}")
         results[side] = json.loads(lines[-1][7:])
-    print(f"{'':10} {'real tok/s':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}  precision")
+    print(f"{'':10} {'real tok/s':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}  weights, how")
     for side, r in results.items():
         print(f"{side:10} {r['tokens_per_second']:11.1f} {r['mfu']:7.2%} {r['peak_memory_gib']:9.2f} "
-              f"{r['real_tokens']:8d} {r['seconds']:8.1f}  {'bf16 autocast' if r['bf16'] else 'fp32'}")
+              f"{r['real_tokens']:8d} {r['seconds']:8.1f}  {r['weights']}, {r['description']}")
+    if set(results) != {"baseline", "medgpt"}:
+        return
     speed = results["medgpt"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
     memory = results["medgpt"]["peak_memory_gib"] / results["baseline"]["peak_memory_gib"]
     print(f"\nmedgpt / baseline: {speed:.2f}x real tokens/s, {memory:.2f}x peak memory (matmul peaks: "
           + ", ".join(f"{side} {r['matmul_peak_gflops']:.0f} GFLOP/s" for side, r in results.items()) + ")")
-    print("target: >= 1.5x tokens/s at <= 1.0x memory:", "met" if speed >= 1.5 and memory <= 1.0 else "NOT met")
+    print(f"target: >= {SPEED_TARGET}x tokens/s at <= {MEMORY_TARGET}x memory:",
+          "met" if speed >= SPEED_TARGET and memory <= MEMORY_TARGET else "NOT met")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def sft_args(model_dir, tmp_path, use_peft: str) -> list:
     return ["supervised_finetuning.py", "--model_name_or_path", model_dir, "--train_files", data,
             "--validation_split_percentage", "0", "--output_dir", tmp_path / "out", "--max_steps", "2",
             "--max_length", "128", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-            "--save_strategy", "no", "--report_to", "none", "--use_peft", use_peft, "--learning_rate", "1e-2"]
+            "--save_strategy", "no", "--report_to", "none", "--use_peft", use_peft, "--learning_rate", "1e-2",
+            "--packing", "false"]  # one conversation per row: the epoch arithmetic below counts conversations
 
 
 def check_trained_on_two_ranks(out, records: int) -> dict:

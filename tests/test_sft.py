@@ -231,3 +231,32 @@ def test_named_template_turn_end_token_is_saved_for_generate_merge_and_vllm(tiny
     run_sft(*sft_args(base, sft_data_dir, full, "--max_steps", "1", "--template_name", "chatml", "--eval_strategy", "no",
                       "--use_peft", "false"))
     assert GenerationConfig.from_pretrained(full).eos_token_id == [tokenizer.eos_token_id, im_end]
+
+
+def test_packing_is_the_stage_default(tmp_path):
+    import supervised_finetuning
+
+    def packing(*flags):
+        return supervised_finetuning.parse(["--output_dir", str(tmp_path), *flags])[3].packing
+
+    assert packing() is True
+    assert packing("--packing", "false") is False
+    assert packing("--streaming", "true") is False  # the default gives way to streaming; an explicit one is refused
+    config = tmp_path / "sft.yaml"
+    config.write_text("packing: false\n")
+    assert packing("--config", str(config)) is False
+
+
+def test_lora_with_bf16_loads_frozen_weights_in_bf16_and_keeps_the_adapter_fp32(tiny_model_dir):
+    from medgpt.args import LoraArguments, ModelArguments
+    from medgpt.modeling import load_model
+
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir))
+    model = load_model(model_args, LoraArguments(), mixed_precision=True)
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    # full training keeps fp32 weights (they are the master weights the optimizer updates)
+    full = load_model(model_args, LoraArguments(use_peft=False), mixed_precision=True)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_model(model_args, LoraArguments()).parameters()} == {torch.float32}
