@@ -134,9 +134,10 @@ def preference_dir(tmp_path):
     return tmp_path / "pref"
 
 
-def run_main(script: str, *args) -> None:
+def run_main(script: str, *args, check: bool = True):
     """Run a project script's ``__main__`` in this process with these command-line arguments: the command a user
-    types, less the interpreter's start-up (each script also starts as a real command in some test)."""
+    types, less the interpreter's start-up (each script also starts as a real command in some test). Returns what
+    it exited with (None when it returned); a failure raises unless ``check`` is false."""
     import runpy
 
     argv = sys.argv
@@ -144,10 +145,12 @@ def run_main(script: str, *args) -> None:
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as ended:
-        if ended.code not in (0, None):
+        if check and ended.code not in (0, None):
             raise AssertionError(f"{script} {' '.join(sys.argv[1:])} stopped: {ended.code}") from None
+        return ended.code
     finally:
         sys.argv = argv
+    return None
 
 
 def run_script(*args: str, timeout: int = 600, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

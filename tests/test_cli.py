@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 
 SCRIPTS = ["pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py", "ppo_training.py",
@@ -151,19 +151,14 @@ def test_merge_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path):
     assert (mine / "train.jsonl").is_file() and (adapter / "adapter_config.json").is_file()
 
 
-def ends_with(script: str, argv: list, monkeypatch, capsys) -> str:
+def ends_with(script: str, argv: list, capsys) -> str:
     """What a script's ``__main__`` (run in this process) stops with: its exit message and what it wrote to stderr."""
-    import runpy
-
-    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    with pytest.raises(SystemExit) as ended:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    assert ended.value.code not in (0, None)
-    return f"{ended.value.code}\n{capsys.readouterr().err}"
+    code = run_main(script, *argv, check=False)
+    assert code not in (0, None)
+    return f"{code}\n{capsys.readouterr().err}"
 
 
-def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(tiny_model_dir, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(tiny_model_dir, tmp_path, capsys):
     """From the command line (the first), and the scripts' ``__main__`` in-process (the others)."""
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}\n'
@@ -173,18 +168,18 @@ def test_data_problems_and_repeated_configs_end_with_a_message_not_a_traceback(t
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "supervised_finetuning.py: error: Found 1 problem(s)" in result.stderr and f"{broken}:2:" in result.stderr
     ended = ends_with("supervised_finetuning.py", [*common, "--train_files", broken, "--template_name", "nope"],
-                      monkeypatch, capsys)
+                      capsys)
     assert "Unknown --template_name 'nope'" in ended and "Traceback" not in ended
     config = tmp_path / "a.yaml"
     config.write_text("max_steps: 3\n")
-    ended = ends_with("supervised_finetuning.py", ["--config", config, "--config", config, *common], monkeypatch, capsys)
+    ended = ends_with("supervised_finetuning.py", ["--config", config, "--config", config, *common], capsys)
     assert "--config given more than once" in ended
-    ended = ends_with("inference.py", ["--base_model", tmp_path / "sft-mergd", "--interactive"], monkeypatch, capsys)
+    ended = ends_with("inference.py", ["--base_model", tmp_path / "sft-mergd", "--interactive"], capsys)
     assert "sft-mergd: no such folder" in ended and "Traceback" not in ended
     ended = ends_with("merge_peft_adapter.py", ["--base_model", tiny_model_dir, "--lora_model", tiny_model_dir],
-                      monkeypatch, capsys)
+                      capsys)
     assert "not a LoRA adapter" in ended
-    assert "--stages: unknown (none given)" in ends_with("run_pipeline.py", ["--stages", ""], monkeypatch, capsys)
+    assert "--stages: unknown (none given)" in ends_with("run_pipeline.py", ["--stages", ""], capsys)
 
 
 class NotATensor:  # pickled into a checkpoint: torch's safe loader refuses it
