@@ -25,10 +25,11 @@ def pack_sequences(dataset, max_length: int, seed: int = 0, num_proc: int | None
     import numpy as np
     import pyarrow.compute as pc
 
-    # the lengths column when the dataset has one (read without touching the token ids), else counted
-    table = dataset.with_format("arrow")
-    lengths = (table["length"] if "length" in dataset.column_names else pc.list_value_length(table["input_ids"]))
-    lengths = lengths.to_numpy(zero_copy_only=False)
+    from medgpt.data_files import column_values
+
+    # the lengths column when the dataset has one (read without mapping the token ids), else counted
+    lengths = (column_values(dataset, "length") if "length" in dataset.column_names
+               else column_values(dataset, "input_ids", lambda ids: pc.list_value_length(ids).to_numpy()))
     order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by position
     bins: list[list[int]] = []
     by_space: dict[int, list[int]] = {}  # free space -> bins with that much room

@@ -21,12 +21,15 @@ from medgpt.data_files import (
     InvalidRecords,
     _raw_rows,
     column,
+    column_values,
     file_fingerprint,
     find_data_files,
     load_splits,
+    nonempty,
     parse_json_record,
     parse_weighted,
     raw_records,
+    row_bytes,
     rows_per_batch,
     take_problems,
 )
@@ -262,7 +265,7 @@ def build_kto_dataset(raw, tokenizer, template, name: str = "train", invalid: In
                    new_fingerprint=_digest(raw._fingerprint, "kto", template_id(template), tokenizer_id(tokenizer),
                                            DATA_FORMAT_VERSION))
     take_problems(rows, invalid)
-    rows = rows.select(_indices_not(rows, "problem", "")).select_columns(["prompt", "completion", "label"])
+    rows = rows.select(_rows_without_problem(rows)).select_columns(["prompt", "completion", "label"])
     if len(rows) == 0:
         invalid.raise_now()
         raise DataError([f"no usable {name} KTO examples"], what=f"{name} data")
@@ -356,7 +359,7 @@ def tokenize_documents(raw, tokenizer, num_proc: int | None = None, name: str = 
     """Documents (rows of .txt files, or records with a ``text`` field) to token ids ending with EOS."""
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token to separate documents; set one on the tokenizer.")
-    rows = rows_per_batch(raw.data.nbytes / max(len(raw), 1))
+    rows = rows_per_batch(row_bytes(raw))
     tokenized = raw.map(
         partial(_pt_batch, tokenizer=tokenizer, eos=tokenizer.eos_token_id), batched=True, num_proc=num_proc,
         batch_size=rows, writer_batch_size=rows, desc=f"Tokenizing {name} documents",
@@ -364,7 +367,7 @@ def tokenize_documents(raw, tokenizer, num_proc: int | None = None, name: str = 
         new_fingerprint=_digest(raw._fingerprint, "documents", tokenizer_id(tokenizer), DATA_FORMAT_VERSION),
     )
     take_problems(tokenized, invalid if invalid is not None else InvalidRecords())
-    return _select(tokenized, _indices_not(tokenized, "problem", ""))
+    return _select(tokenized, _rows_without_problem(tokenized))
 
 
 def _select(dataset, indices):
@@ -373,11 +376,10 @@ def _select(dataset, indices):
     return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
-def _indices_not(dataset, name: str, value):
+def _rows_without_problem(dataset):
     import numpy as np
-    import pyarrow.compute as pc
 
-    return np.flatnonzero(pc.equal(column(dataset, name), value).to_numpy(zero_copy_only=False))
+    return np.flatnonzero(~column_values(dataset, "problem", nonempty))
 
 
 def _first_occurrences(hashes):
@@ -399,12 +401,12 @@ def deduplicate_documents(train, validation) -> tuple:
     within the training set, and validation documents that also occur in training (they would leak)."""
     import numpy as np
 
-    train_hashes = column(train, "hash").to_numpy()
+    train_hashes = column_values(train, "hash")
     first = _first_occurrences(train_hashes)
     kept_train = train.select(first) if len(first) != len(train) else train
     counts = {"train_duplicates_removed": int(len(train) - len(first)), "validation_duplicates_removed": 0}
     if validation is not None:
-        hashes = column(validation, "hash").to_numpy()
+        hashes = column_values(validation, "hash")
         first_validation = _first_occurrences(hashes)
         known = np.sort(train_hashes)  # membership by binary search: no second copy of both arrays (np.isin)
         place = np.minimum(np.searchsorted(known, hashes[first_validation]), max(len(known) - 1, 0))
@@ -425,7 +427,6 @@ def build_pretraining_blocks(documents, block_size: int, name: str = "train", nu
     batch into the next, so only the tail of each share (shorter than a block) is dropped, and reported.
     """
     import numpy as np
-    import pyarrow.compute as pc
 
     carry = {"tokens": np.zeros(0, dtype=np.int32)}  # per process: each gets its own copy of the function
 
@@ -436,12 +437,12 @@ def build_pretraining_blocks(documents, block_size: int, name: str = "train", nu
         return {"input_ids": stream[: blocks * block_size].reshape(blocks, block_size).tolist()}
 
     workers = num_proc if num_proc and len(documents) >= 10000 * num_proc else None
-    rows = rows_per_batch(documents.data.nbytes / max(len(documents), 1))
+    rows = rows_per_batch(row_bytes(documents))
     blocks = documents.map(group, batched=True, batch_size=rows, remove_columns=documents.column_names,
                            features=_int_features(input_ids="int"), load_from_cache_file=False, num_proc=workers,
                            new_fingerprint=_digest(documents._fingerprint, "blocks", block_size, os.urandom(8).hex()),
                            desc=f"Grouping {name} tokens into blocks of {block_size}")
-    total = int(pc.sum(column(documents, "length")).as_py() or 0)
+    total = int(column_values(documents, "length").sum())
     counts = {"documents": len(documents), "tokens": total, "blocks": len(blocks),
               "tail_tokens_dropped": total - len(blocks) * block_size}
     if counts["blocks"] == 0:
@@ -807,7 +808,7 @@ def prepare_question_data(data_args, training_args, invalid: InvalidRecords):
                         desc=f"Reading {name} questions",
                         new_fingerprint=_digest(raw._fingerprint, "questions", DATA_FORMAT_VERSION))
         take_problems(items, invalid)
-        splits.append(items.select(_indices_not(items, "problem", "")).select_columns(["prompt", "answer", "kind"]))
+        splits.append(items.select(_rows_without_problem(items)).select_columns(["prompt", "answer", "kind"]))
     return splits[0], splits[1]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import sft_records, write_jsonl
 from medgpt.args import DataArguments
-from medgpt.data_files import InvalidRecords, load_splits, mix_plan
+from medgpt.data_files import InvalidRecords, _arrow_files, column, column_values, load_splits, mix_plan, nonempty
 from medgpt.records import DataError
 
 COMMON = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
@@ -35,6 +35,27 @@ def test_weighted_files_are_mixed_in_their_proportions(tmp_path):
         load_splits(DataArguments(train_files=[f"{medical}=0.8", str(general)]), "SFT data", seed=1)
     with pytest.raises(DataError, match="positive weight"):
         load_splits(DataArguments(train_files=[f"{medical}=-1"]), "SFT data", seed=1)
+
+
+def test_columns_read_from_the_files_equal_the_datasets_own(tmp_path):
+    """column_values reads a file-backed dataset's batches with ordinary reads; whatever the layout (shards
+    written by map workers, a shuffle's indices mapping, a slice, in memory) it gives the dataset's own column."""
+    import datasets
+    import numpy as np
+
+    rows = datasets.Dataset.from_dict({"problem": ["" if i % 7 else f"bad {i}" for i in range(5000)],
+                                       "hash": list(range(5000, 0, -1))})
+    rows = rows.map(lambda batch: batch, batched=True, batch_size=300, writer_batch_size=300, num_proc=2,
+                    cache_file_name=str(tmp_path / "rows.arrow"))
+    assert len(_arrow_files(rows)) == 2  # the two workers' shards, read in order
+    layouts = {"files": rows, "shuffled": rows.shuffle(seed=0), "selected": rows.select([4999, 3, 3, 10]),
+               "slice": rows.select(range(100, 2100)), "in memory": rows.flatten_indices(keep_in_memory=True)}
+    assert _arrow_files(layouts["in memory"]) is None
+    for name, dataset in layouts.items():
+        assert column_values(dataset, "hash").tolist() == column(dataset, "hash").to_pylist(), name
+        expected = [bool(problem) for problem in column(dataset, "problem").to_pylist()]
+        assert column_values(dataset, "problem", nonempty).tolist() == expected, name
+    assert np.flatnonzero(column_values(rows, "problem", nonempty)).tolist() == list(range(0, 5000, 7))
 
 
 def test_problems_keep_their_file_and_line_through_arrow(tmp_path):
