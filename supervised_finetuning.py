@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options
 from medgpt.data_files import InvalidRecords
-from medgpt.modeling import load_model, load_template, load_tokenizer
+from medgpt.modeling import adapter_inputs_in_bf16, load_model, load_template, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer
 from medgpt.tokenization import prepare_sft_data
 from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
@@ -89,7 +89,7 @@ def build_trainer(model_args, lora_args, training_args: SFTConfig, tokenizer, tr
     # MedGPT tokenizes and packs itself (packing isolated by block-diagonal masks); TRL must not redo it.
     training_args.packing = False
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
-    return block_mask_trainer(SFTTrainer)(
+    trainer = block_mask_trainer(SFTTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -97,6 +97,10 @@ def build_trainer(model_args, lora_args, training_args: SFTConfig, tokenizer, tr
         processing_class=tokenizer,
         data_collator=collator,
     )
+    callback = adapter_inputs_in_bf16(trainer.model, training_args)
+    if callback is not None:
+        trainer.add_callback(callback)
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,7 +19,12 @@ optimizer steps with the same rows per step:
 ``--precision fp32`` instead runs both sides in fp32 (weights and compute: baseline fp32 weights without
 bf16, medgpt with ``--bf16 false``), an fp32-vs-fp32 comparison.
 
-Printed per side: real (non-padding) tokens per second, model FLOPs utilization against a matmul peak
+The medgpt side keeps every other default of the script, gradient checkpointing included (TRL's SFTConfig
+turns it on); the baseline runs without it, as the issue measured the reference (its run_sft.sh passes
+``--gradient_checkpointing True``, which would cost it speed and save it memory).
+
+Printed per side: real (non-padding) tokens per second over the steps after --warmup_steps (both sides
+alike; the whole run's figure next to it), model FLOPs utilization against a matmul peak
 measured in the same run in that side's precision, and peak memory (RSS on CPU, max allocated on GPU);
 then the ratios. Each side runs in its own process so peak memory is its own.
 """
@@ -76,7 +81,7 @@ def stage_flags(args) -> list[str]:
              "--max_steps", str(args.steps), "--lora_r", "8", "--lora_alpha", "16",
              "--lora_target_modules", "all-linear", "--learning_rate", "1e-4", "--logging_steps", "1",
              "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--seed", "0",
-             "--gradient_checkpointing", "false", "--dataloader_num_workers", "0"]
+             "--dataloader_num_workers", "0"]
     if args.model:
         flags += ["--model_name_or_path", args.model]
     if args.precision == "fp32":
@@ -122,24 +127,36 @@ def run_side(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     weights_dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
 
-    real_tokens = 0
+    from transformers import TrainerCallback
+
+    tokens, times = [], []  # per optimizer step (one batch per step): non-padding tokens fed, seconds
     original = trainer.data_collator
 
     def counting(features):  # count the non-padding tokens actually fed
-        nonlocal real_tokens
-        real_tokens += sum(len(f["input_ids"]) for f in features)
+        tokens.append(sum(len(f["input_ids"]) for f in features))
         return original(features)
 
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
     trainer.data_collator = counting
+    trainer.add_callback(StepTimes())
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     peak = matmul_peak_flops("bfloat16" if bf16 else "float32")
-    tokens_per_second = real_tokens / seconds
+    warm = min(args.warmup_steps, len(times) - 1)
+    tokens_per_second = sum(tokens[warm:len(times)]) / sum(times[warm:])
     # training FLOPs per token ~ 6 x parameters (forward + backward), the usual MFU convention
     return {"side": args.side, "bf16": bool(bf16), "description": description, "weights": weights_dtype,
-            "steps": args.steps, "real_tokens": real_tokens, "seconds": seconds,
-            "tokens_per_second": tokens_per_second, "mfu": 6 * params * tokens_per_second / peak,
+            "steps": args.steps, "real_tokens": sum(tokens[:len(times)]), "seconds": seconds,
+            "warmup_steps": warm, "step_seconds": [round(t, 2) for t in times],
+            "tokens_per_second": tokens_per_second, "tokens_per_second_with_warmup": sum(tokens[:len(times)]) / seconds,
+            "mfu": 6 * params * tokens_per_second / peak,
             "matmul_peak_gflops": peak / 1e9, "peak_memory_gib": peak_memory_bytes() / 2**30}
 
 
@@ -174,6 +191,9 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--rows", type=int, default=4, help="Rows per step (packed rows vs padded conversations).")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup_steps", type=int, default=2,
+                        help="Steps left out of tokens/s on both sides (the first steps on CPU run several times "
+                        "slower while the allocator and oneDNN warm up); the whole run's figure is printed too.")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="bf16: the reference's bf16 settings against MedGPT's defaults; fp32: both sides fp32.")
     parser.add_argument("--medgpt_flags", default="", help="Extra supervised_finetuning.py flags for the medgpt side "
@@ -189,6 +209,7 @@ def main() -> None:
     for side in args.sides.split(","):
         command = [sys.executable, __file__, "--side", side, "--data_dir", args.data_dir, "--max_length",
                    str(args.max_length), "--rows", str(args.rows), "--steps", str(args.steps),
+                   "--warmup_steps", str(args.warmup_steps),
                    "--precision", args.precision, "--workdir", args.workdir,
                    f"--medgpt_flags={args.medgpt_flags}", "--sides", args.sides]
         if args.model:
@@ -199,10 +220,12 @@ def main() -> None:
         if output.returncode != 0 or not lines:
             raise SystemExit(f"{side} failed:\n{output.stderr[-3000:]}")
         results[side] = json.loads(lines[-1][7:])
-    print(f"{'':10} {'real tok/s':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}  weights, how")
+    print(f"{'':10} {'real tok/s':>11} {'(all steps)':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}  "
+          "weights, how")
     for side, r in results.items():
-        print(f"{side:10} {r['tokens_per_second']:11.1f} {r['mfu']:7.2%} {r['peak_memory_gib']:9.2f} "
-              f"{r['real_tokens']:8d} {r['seconds']:8.1f}  {r['weights']}, {r['description']}")
+        print(f"{side:10} {r['tokens_per_second']:11.1f} {r['tokens_per_second_with_warmup']:11.1f} {r['mfu']:7.2%} "
+              f"{r['peak_memory_gib']:9.2f} {r['real_tokens']:8d} {r['seconds']:8.1f}  {r['weights']}, {r['description']}")
+        print(f"{'':10} step seconds: {r['step_seconds']} (first {r['warmup_steps']} left out of tokens/s)")
     if set(results) != {"baseline", "medgpt"}:
         return
     speed = results["medgpt"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]

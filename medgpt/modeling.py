@@ -226,11 +226,42 @@ def load_model(
             model.requires_grad_(True)  # PEFT froze the base while loading; full training needs it back
     if training and lora_args is not None and lora_args.use_peft and not _is_peft(model):
         model = wrap_lora(model, lora_args, task, train_embeddings)
+    if training and _is_peft(model) and not torch.cuda.is_available():
+        from medgpt.cpu_training import use_bulk_dropout
+
+        use_bulk_dropout(model)
     if training and lora_args is not None and lora_args.freeze_trainable_layers:
         freeze_all_but_last_blocks(model, lora_args.freeze_trainable_layers)
     if training:
         log_trainable_parameters(model)
     return model
+
+
+def adapter_inputs_in_bf16(model, training_args):
+    """A trainer callback (or None where it does not apply) for LoRA over bf16 weights under bf16 autocast.
+
+    PEFT casts each adapter's input to the adapter's fp32 dtype, then autocast casts it back to bf16 for the
+    matmul: per step and adapted layer, an fp32 copy of its input, the dropout of that copy kept for the
+    backward pass, and a second cast, for the same bf16 product. During each training step (forward, backward,
+    recomputed checkpoints) the callback lets the adapters take their bf16 inputs as they are; outside the
+    steps (evaluation, generation) PEFT casts as usual."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import TrainerCallback
+
+    if not (training_args.bf16 and _is_peft(model)) or getattr(model, "dtype", None) != torch.bfloat16:
+        return None
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+    class AdapterInputsInBf16(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            for layer in layers:
+                layer.cast_input_dtype_enabled = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            for layer in layers:
+                layer.cast_input_dtype_enabled = True
+
+    return AdapterInputsInBf16()
 
 
 def _is_peft(model) -> bool:

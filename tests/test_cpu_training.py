@@ -1,0 +1,78 @@
+"""CPU LoRA training speed-ups keep the math: bulk-drawn dropout masks, bf16 adapter inputs during steps."""
+
+import torch
+
+from medgpt.cpu_training import BulkDropout, use_bulk_dropout
+
+
+def test_bulk_dropout_drops_p_of_the_elements_and_scales_the_rest():
+    torch.manual_seed(0)
+    x = torch.ones(3_000_001)  # not a multiple of three: the last draw is partly used
+    dropout = BulkDropout(0.05).train()
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.0006  # ~5 standard deviations of a Bernoulli(0.05) mean over 3M elements
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    assert not torch.equal(dropout(x), y)  # a fresh mask each call
+    assert torch.equal(dropout.eval()(x), x) and torch.equal(BulkDropout(0.0).train()(x), x)
+    for p in (0.1, 0.5):  # every lane of the 64-bit draws is uniform: other rates come out right too
+        assert abs((BulkDropout(p).train()(x) == 0).float().mean().item() - p) < 0.002
+
+
+def test_bulk_dropout_masks_replay_under_gradient_checkpointing():
+    """Checkpointing recomputes the forward in backward: the mask must be the same draw (torch's RNG state)."""
+    from torch.utils.checkpoint import checkpoint
+
+    weight = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64)
+    dropout = BulkDropout(0.3).train()
+
+    def layer(inputs):
+        return (dropout(inputs) @ weight).tanh()
+
+    torch.manual_seed(1)
+    layer(x).sum().backward()
+    plain = weight.grad.clone()
+    weight.grad = None
+    torch.manual_seed(1)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert torch.equal(weight.grad, plain)
+
+
+def test_lora_on_cpu_uses_bulk_dropout_and_bf16_inputs_give_the_same_step(tiny_model_dir, tmp_path):
+    from peft.helpers import disable_input_dtype_casting
+
+    from medgpt.args import LoraArguments, ModelArguments
+    from medgpt.modeling import adapter_inputs_in_bf16, load_model
+
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir))
+    model = load_model(model_args, LoraArguments(lora_dropout=0.05), mixed_precision=True)
+    assert sum(isinstance(m, BulkDropout) for m in model.modules()) > 0
+    assert use_bulk_dropout(model) == 0  # nothing left to replace
+    # with dropout off, adapters fed bf16 inputs compute exactly what PEFT's fp32 cast + autocast computes
+    model = load_model(model_args, LoraArguments(lora_dropout=0.0), mixed_precision=True)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.02)  # LoRA B starts at zero: make the adapter matter
+    ids = torch.randint(0, 100, (2, 24))
+
+    def loss_and_grads(cast: bool):
+        model.zero_grad()
+        with disable_input_dtype_casting(model, active=not cast), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    (loss_cast, grads_cast), (loss_bf16, grads_bf16) = loss_and_grads(True), loss_and_grads(False)
+    assert loss_cast == loss_bf16 and all(torch.equal(a, b) for a, b in zip(grads_cast, grads_bf16))
+
+    from transformers import TrainingArguments
+
+    callback = adapter_inputs_in_bf16(model, TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True))
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    callback.on_step_begin(None, None, None)
+    assert not any(layer.cast_input_dtype_enabled for layer in layers)
+    callback.on_step_end(None, None, None)  # evaluation and generation outside the steps cast as PEFT does
+    assert all(layer.cast_input_dtype_enabled for layer in layers)
+    fp32 = load_model(model_args, LoraArguments(), mixed_precision=False)
+    assert adapter_inputs_in_bf16(fp32, TrainingArguments(output_dir=str(tmp_path), use_cpu=True)) is None
