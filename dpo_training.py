@@ -35,7 +35,7 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options  # noqa: E402
 from medgpt.data_files import InvalidRecords
-from medgpt.modeling import load_model, load_template, load_tokenizer
+from medgpt.modeling import adapter_inputs_in_bf16, load_model, load_template, load_tokenizer
 from medgpt.tokenization import prepare_preference_data
 from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
 
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer_class is DPOTrainer:
         trainer_class = PretokenizedDPOTrainer
 
-    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing,
+                       mixed_precision=training_args.bf16)
     extra = {}
     if issubclass(trainer_class, (DPOTrainer, KTOTrainer)) and not lora_args.use_peft:
         # A frozen copy of the starting model (with any earlier adapter merged, as the policy has it).
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         **extra,
     )
+    callback = adapter_inputs_in_bf16(trainer.model, training_args)
+    if callback is not None:
+        trainer.add_callback(callback)
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics = dict(train_result.metrics)
