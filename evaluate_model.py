@@ -9,7 +9,8 @@ quantize_model.py), NAME=BASE+ADAPTER (a LoRA adapter on its base), or NAME=DEFA
 default model). Each model is measured on what is given:
 
     --qa_files          answers to held-out questions vs. their references: BLEU-1..4 and ROUGE-L
-                        (sacrebleu / rouge-score; Chinese by characters, English by words)
+                        (sacrebleu / rouge-score; Chinese by characters, English by words), and the answer
+                        loss (the SFT loss of the reference answers after their prompts)
     --text_files        perplexity on held-out text (.txt lines, or .jsonl with "text")
     --mcq_files         multiple-choice accuracy, by parsing the generated answer and by comparing
                         option-letter likelihoods; open questions scored by containment / char F1
@@ -38,6 +39,7 @@ from medgpt.data_files import find_data_files, json_reader, qa_reader, text_docu
 from medgpt.records import preference_from_record, question_from_record
 from medgpt.benchmarks import FORMATS, accuracy_summary, benchmark_question, fewshot_examples, read_benchmark
 from medgpt.evaluation import (
+    answer_loss,
     choice_loglik_accuracy,
     choice_loglik_predictions,
     generation_metrics,
@@ -109,6 +111,7 @@ def evaluate_chat_model(chat: ChatModel, data: dict, args: EvaluationArguments) 
             answers += chat.generate([i["messages"] for i in data["qa"][start : start + args.batch_size]], settings)
         result.update(generation_metrics(answers, [i["reference"] for i in data["qa"]]))
         result["qa_n"] = len(answers)
+        result.update(answer_loss(chat, data["qa"], args.batch_size))
         result["qa_examples"] = [{"question": i["messages"][-1]["content"], "answer": a, "reference": i["reference"]}
                                  for i, a in zip(data["qa"][:3], answers[:3])]
     if data["text"]:
@@ -202,7 +205,7 @@ def benchmark_table(results: dict) -> str:
 
 def markdown_table(results: dict) -> str:
     columns = [("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
-               ("rouge_l", "ROUGE-L"), ("perplexity", "PPL"), ("mcq_choice_accuracy", "MCQ acc (generated)"),
+               ("rouge_l", "ROUGE-L"), ("answer_loss", "answer loss"), ("perplexity", "PPL"), ("mcq_choice_accuracy", "MCQ acc (generated)"),
                ("mcq_loglik_accuracy", "MCQ acc (likelihood)"), ("mcq_open_accuracy", "Open QA score"),
                ("reward_accuracy", "RM pair acc"), ("reward_margin", "RM margin")]
     used = [(key, title) for key, title in columns if any(key in r for r in results.values())]

@@ -121,10 +121,14 @@ def stage_summary(out: Path) -> list[tuple[str, str, str]]:
 
     pt, sft, rm, dpo, ppo, grpo, opd = (metrics(n) for n in ("pt", "sft", "rm", "dpo", "ppo", "grpo", "opd"))
     fmt = lambda value: f"{value:.3f}" if isinstance(value, (int, float)) else "-"  # noqa: E731
+    evaluated = out / "eval" / "results.json"
+    answers = {name: result.get("answer_loss") for name, result in json.loads(evaluated.read_text()).items()} \
+        if evaluated.is_file() else {}
     return [
         ("PT", "loss " + first_last(out / "pt", "loss"),
          f"validation perplexity {fmt(pt.get('eval_perplexity_before'))} -> {fmt(pt.get('eval_perplexity'))}"),
         ("SFT", "loss " + first_last(out / "sft", "loss"),
+         f"held-out answer loss {fmt(answers.get('base'))} (base) -> {fmt(answers.get('sft'))} (SFT); "
          f"validation loss {fmt(sft.get('eval_loss'))}, perplexity {fmt(sft.get('eval_perplexity'))}"),
         ("RM", "loss " + first_last(out / "rm", "loss"),
          f"pair accuracy {fmt(rm.get('eval_accuracy_before'))} -> {fmt(rm.get('eval_accuracy'))}, "

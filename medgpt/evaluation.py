@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from medgpt.tokenization import tokenize_pair
+from medgpt.tokenization import tokenize_for_sft, tokenize_pair
 from medgpt.generation import ChatModel, GenerationArguments
 from medgpt.chat_template import THINK_CLOSE, THINK_OPEN
 from medgpt.rewards import LETTERS, extract_choice, open_answer_score
@@ -112,6 +112,28 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 1024, b
         total_nll += nll.sum().item()
         total_tokens += int(mask[:, 1:].sum())
     return {"perplexity": float(torch.exp(torch.tensor(total_nll / max(total_tokens, 1)))), "tokens": total_tokens}
+
+
+@torch.inference_mode()
+def answer_loss(chat: ChatModel, items: Sequence[dict], batch_size: int = 4, max_length: int = 1024) -> dict:
+    """The SFT loss on held-out answers: mean negative log-likelihood of each reference answer's tokens (its
+    end-of-turn included) after its prompt, rendered by the model's template exactly as SFT trains on it."""
+    rows, positions, targets = [], [], []
+    for item in items:
+        messages = list(item["messages"]) + [{"role": "assistant", "content": item["reference"]}]
+        tokens = tokenize_for_sft(chat.template, chat.tokenizer, messages, max_length, "truncate")
+        wanted = [i - 1 for i, label in enumerate(tokens["labels"]) if label != -100 and i > 0]
+        if wanted:
+            rows.append(tokens["input_ids"])
+            positions.append(wanted)
+            targets.append([tokens["labels"][i + 1] for i in wanted])
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="Answer loss", unit="batch"):
+        logprobs = _forward_logprobs(chat, rows[start:start + batch_size], positions[start:start + batch_size])
+        for row_logprobs, row_targets in zip(logprobs, targets[start:start + batch_size]):
+            total -= row_logprobs.gather(-1, torch.tensor(row_targets, device=row_logprobs.device)[:, None]).sum().item()
+            count += len(row_targets)
+    return {"answer_loss": total / count if count else float("nan"), "answer_tokens": count}
 
 
 def _option_letters(item: dict) -> list[str]:

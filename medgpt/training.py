@@ -250,6 +250,16 @@ def turn_end_generation_config(model, tokenizer, template):
     return config
 
 
+def smoothed(values, weight: float = 0.8) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled toward zero (the
+    smoothing TensorBoard shows): a noisy per-step loss curve shows its trend."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**count))
+    return out
+
+
 def plot_loss(log_history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:
     """Plot the logged curves named by ``keys`` against the step; None if nothing was logged."""
     import matplotlib
@@ -265,7 +275,11 @@ def plot_loss(log_history: list[dict], path: Path, keys: tuple[str, ...] = ("los
     figure, axis = plt.subplots(figsize=(7, 4))
     for key, points in series.items():
         steps, values = zip(*points)
-        axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=key)
+        if len(points) < 8:
+            axis.plot(steps, values, marker="o", label=key)
+            continue
+        line, = axis.plot(steps, values, alpha=0.35, label=f"{key} (per step)")
+        axis.plot(steps, smoothed(values), color=line.get_color(), label=f"{key} (smoothed)")
     axis.set_xlabel("step")
     axis.set_ylabel("value")
     axis.set_title(path.parent.name)

@@ -45,15 +45,46 @@ def test_evaluate_model_compares_models_and_reward_model(tiny_model_dir, tmp_pat
         "--qa_files", str(qa), "--text_files", str(text), "--mcq_files", str(mcq), "--preference_files", str(pairs),
         "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval")])
     assert results["a"] == results["b"]  # same model, same greedy answers, same numbers
-    for key in ("bleu_1", "bleu_4", "rouge_l", "perplexity", "mcq_choice_accuracy", "mcq_open_accuracy",
+    for key in ("bleu_1", "bleu_4", "rouge_l", "answer_loss", "perplexity", "mcq_choice_accuracy", "mcq_open_accuracy",
                 "mcq_loglik_accuracy"):
         assert key in results["a"], key
     assert results["a"]["qa_n"] == 4 and results["a"]["mcq_loglik_n"] == 1
     assert results["a"]["mcq_loglik_skipped_multi_answer"] == 2 and results["a"]["perplexity"] > 1
     assert results["rm"]["pairs"] == 4 and 0 <= results["rm"]["reward_accuracy"] <= 1
     table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| a |" in table and "BLEU-4" in table and "RM pair acc" in table
+    assert "| a |" in table and "BLEU-4" in table and "answer loss" in table and "RM pair acc" in table
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["b"]["qa_n"] == 4
+
+
+def test_answer_loss_is_the_sft_loss_of_the_reference_answers(tiny_model_dir):
+    """The held-out answer loss equals the model's own token-mean loss over SFT labels (prompt masked), in any
+    batch size: the figure that says what SFT learned, comparable between the base and the SFT model."""
+    import torch
+
+    from medgpt.args import ModelArguments
+    from medgpt.evaluation import answer_loss
+    from medgpt.generation import ChatModel
+    from medgpt.modeling import load_model, load_template, load_tokenizer
+    from medgpt.tokenization import tokenize_for_sft
+
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir))
+    tokenizer = load_tokenizer(model_args)
+    chat = ChatModel(load_model(model_args, training=False).eval(), tokenizer, load_template(model_args, tokenizer))
+    items = [{"messages": [{"role": "user", "content": f"Question {i}: when is chest pain an emergency?"}],
+              "reference": "Call emergency services at once if it is crushing or spreads to the arm." * (1 + i % 2)}
+             for i in range(5)]
+    total, count = 0.0, 0
+    for item in items:
+        tokens = tokenize_for_sft(chat.template, tokenizer, item["messages"] + [
+            {"role": "assistant", "content": item["reference"]}], 1024, "truncate")
+        labels = torch.tensor([tokens["labels"]])
+        with torch.no_grad():
+            loss = chat.model(input_ids=torch.tensor([tokens["input_ids"]]), labels=labels).loss.item()
+        answered = int((labels[0, 1:] != -100).sum())
+        total, count = total + loss * answered, count + answered
+    one, batched = answer_loss(chat, items, batch_size=1), answer_loss(chat, items, batch_size=4)
+    assert one["answer_tokens"] == batched["answer_tokens"] == count
+    assert abs(one["answer_loss"] - total / count) < 1e-4 and abs(batched["answer_loss"] - total / count) < 1e-4
 
 
 def test_pipeline_stops_with_the_failing_stage_named(tmp_path):
@@ -79,3 +110,16 @@ def test_pipeline_rag_stage_measures_retrieval_into_the_report(tmp_path):
     retrieval = json.loads((tmp_path / "rag" / "retrieval.json").read_text())
     assert retrieval["hit@3"] >= 0.75
     assert "## Knowledge-base retrieval" in (tmp_path / "report.md").read_text()
+
+
+def test_smoothed_curve_is_a_bias_corrected_moving_average(tmp_path):
+    from medgpt.training import plot_loss, smoothed
+
+    assert all(abs(value - 2.0) < 1e-12 for value in smoothed([2.0, 2.0, 2.0]))  # no pull toward zero at the start
+    first, second = smoothed([1.0, 0.0], weight=0.5)
+    assert first == 1.0 and abs(second - 1 / 3) < 1e-12
+    noisy = [3.0 - 0.05 * step + (0.4 if step % 2 else -0.4) for step in range(40)]
+    trend = smoothed(noisy)
+    assert max(abs(a - b) for a, b in zip(trend[10:], trend[11:])) < 0.2 < max(abs(a - b) for a, b in zip(noisy, noisy[1:]))
+    history = [{"step": step, "loss": value} for step, value in enumerate(noisy, start=1)]
+    assert plot_loss(history, tmp_path / "loss.png").stat().st_size > 0
