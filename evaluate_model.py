@@ -70,6 +70,10 @@ class EvaluationArguments:
     benchmark_scoring: list[str] = field(default_factory=lambda: ["likelihood"], metadata={
         "help": "likelihood (the most likely option letters) and/or generation (letters parsed from the greedy "
                 "answer, after any <think> reasoning); the first gives 'accuracy'."})
+    generation_models: list[str] = field(default_factory=list, metadata={
+        "help": "NAMEs of --models whose answers are generated (BLEU/ROUGE-L, MCQ accuracy of the generated answer; "
+                "default: every model). The others get the likelihood measures only (answer loss, perplexity, MCQ "
+                "by option likelihood): one forward pass per item instead of a generation."})
     template_name: str | None = field(default=None, metadata={"help": "Chat template (default: each tokenizer's own)."})
     max_samples: int | None = field(default=None, metadata={"help": "At most this many items per data set."})
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length for generated answers."})
@@ -102,23 +106,25 @@ def read(files: list[str], reader, extensions, flag: str, limit: int | None) -> 
     return items[:limit] if limit else items
 
 
-def evaluate_chat_model(chat: ChatModel, data: dict, args: EvaluationArguments) -> dict:
+def evaluate_chat_model(chat: ChatModel, data: dict, args: EvaluationArguments, generate: bool = True) -> dict:
     result = {}
-    if data["qa"]:
+    if data["qa"] and generate:
         settings = GenerationArguments(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.1)
         answers = []
         for start in range(0, len(data["qa"]), args.batch_size):
             answers += chat.generate([i["messages"] for i in data["qa"][start : start + args.batch_size]], settings)
         result.update(generation_metrics(answers, [i["reference"] for i in data["qa"]]))
         result["qa_n"] = len(answers)
-        result.update(answer_loss(chat, data["qa"], args.batch_size))
         result["qa_examples"] = [{"question": i["messages"][-1]["content"], "answer": a, "reference": i["reference"]}
                                  for i, a in zip(data["qa"][:3], answers[:3])]
+    if data["qa"]:
+        result.update(answer_loss(chat, data["qa"], args.batch_size))
     if data["text"]:
         result.update(perplexity(chat.model, chat.tokenizer, data["text"], batch_size=args.batch_size))
-    if data["mcq"]:
+    if data["mcq"] and generate:
         result.update({f"mcq_{k}": v for k, v in score_questions(chat, data["mcq"], args.batch_size,
                                                                   args.max_new_tokens).items()})
+    if data["mcq"]:
         result.update({f"mcq_{k}": v for k, v in choice_loglik_accuracy(chat, data["mcq"],
                                                                                          args.batch_size).items()})
     return result
@@ -239,6 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     if benchmarks and not args.models:
         raise SystemExit("--benchmark_files needs --models.")
     models = [model_arguments(spec, args.template_name) for spec in args.models]  # every spec checked first
+    if unknown := sorted(set(args.generation_models) - {name for name, _ in models}):
+        raise SystemExit(f"--generation_models {' '.join(unknown)}: not among the --models names "
+                         f"({', '.join(name for name, _ in models) or 'none given'}).")
     reward_models = [model_arguments(spec, args.template_name) for spec in args.reward_models]
     results, benchmark_results = {}, {}
     evaluated = any(data.values()) or not benchmarks  # the measures above, unless only benchmarks are asked for
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"== evaluating {name}", flush=True)
         chat = ChatModel.load(model_args)
         if evaluated:
-            results[name] = evaluate_chat_model(chat, data, args)
+            results[name] = evaluate_chat_model(chat, data, args,
+                                                generate=not args.generation_models or name in args.generation_models)
         if benchmarks:
             benchmark_results[name] = evaluate_benchmarks(chat, benchmarks, args)
     for name, model_args in reward_models:

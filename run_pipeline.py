@@ -183,6 +183,7 @@ def evaluation_stage(out: Path, max_samples: int) -> Stage:
         "--models", *models, "--reward_models", f"rm={out / 'rm'}", "--qa_files", "data/sft/eval",
         "--text_files", "data/pretrain/eval", "--mcq_files", "data/grpo/eval",
         "--preference_files", "data/preference/eval", "--max_samples", str(max_samples), "--max_new_tokens", "64",
+        "--generation_models", "base", "sft", "grpo",  # DPO/PPO's few steps: likelihood measures only
     ], "eval", "results.json")
 
 

@@ -54,6 +54,15 @@ def test_evaluate_model_compares_models_and_reward_model(tiny_model_dir, tmp_pat
     table = (tmp_path / "eval" / "results.md").read_text()
     assert "| a |" in table and "BLEU-4" in table and "answer loss" in table and "RM pair acc" in table
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["b"]["qa_n"] == 4
+    # --generation_models: the others get the likelihood measures only, the same numbers
+    only = evaluate_model.main([
+        "--models", f"a={tiny_model_dir}", f"b={tiny_model_dir}", "--generation_models", "a", "--qa_files", str(qa),
+        "--mcq_files", str(mcq), "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval2")])
+    assert "bleu_1" in only["a"] and "bleu_1" not in only["b"] and "mcq_choice_accuracy" not in only["b"]
+    for key in ("answer_loss", "mcq_loglik_accuracy"):
+        assert only["b"][key] == only["a"][key] == results["a"][key], key
+    with pytest.raises(SystemExit, match="--generation_models c: not among the --models names"):
+        evaluate_model.main(["--models", f"a={tiny_model_dir}", "--generation_models", "c", "--qa_files", str(qa)])
 
 
 def test_answer_loss_is_the_sft_loss_of_the_reference_answers(tiny_model_dir):
