@@ -717,16 +717,19 @@ def nonempty(values):
     return pc.not_equal(values, "").to_numpy(zero_copy_only=False)
 
 
-def take_problems(dataset, invalid: InvalidRecords) -> None:
-    """Rows of a prepared dataset whose ``problem`` is set go to ``invalid`` (with the raw record text)."""
+def take_problems(dataset, invalid: InvalidRecords):
+    """Rows of a prepared dataset whose ``problem`` is set go to ``invalid`` (with the raw record text); returns
+    the indices of the other rows (one read of the ``problem`` column for both)."""
     import numpy as np
 
-    flagged = np.flatnonzero(column_values(dataset, "problem", nonempty))
+    problem = column_values(dataset, "problem", nonempty)
+    flagged = np.flatnonzero(problem)
     if not len(flagged):
-        return
+        return np.arange(len(problem))
     for row in dataset.select(flagged).select_columns(["source", "text", "problem"]):
         try:
             raw = json.loads(row["text"])
         except (ValueError, TypeError, RecursionError):  # the text as it is, when it is not JSON
             raw = row["text"]
         invalid.add(Problem(row["problem"], row["source"] or None, raw))
+    return np.flatnonzero(~problem)

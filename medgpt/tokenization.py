@@ -25,7 +25,6 @@ from medgpt.data_files import (
     file_fingerprint,
     find_data_files,
     load_splits,
-    nonempty,
     parse_json_record,
     parse_weighted,
     raw_records,
@@ -264,8 +263,7 @@ def build_kto_dataset(raw, tokenizer, template, name: str = "train", invalid: In
                    remove_columns=raw.column_names, features=features, desc=f"Rendering {name} KTO examples",
                    new_fingerprint=_digest(raw._fingerprint, "kto", template_id(template), tokenizer_id(tokenizer),
                                            DATA_FORMAT_VERSION))
-    take_problems(rows, invalid)
-    rows = rows.select(_rows_without_problem(rows)).select_columns(["prompt", "completion", "label"])
+    rows = rows.select(take_problems(rows, invalid)).select_columns(["prompt", "completion", "label"])
     if len(rows) == 0:
         invalid.raise_now()
         raise DataError([f"no usable {name} KTO examples"], what=f"{name} data")
@@ -366,20 +364,13 @@ def tokenize_documents(raw, tokenizer, num_proc: int | None = None, name: str = 
         features=_int_features(source="str", text="str", problem="str", ids="int", hash="int64", length="int64"),
         new_fingerprint=_digest(raw._fingerprint, "documents", tokenizer_id(tokenizer), DATA_FORMAT_VERSION),
     )
-    take_problems(tokenized, invalid if invalid is not None else InvalidRecords())
-    return _select(tokenized, _rows_without_problem(tokenized))
+    return _select(tokenized, take_problems(tokenized, invalid if invalid is not None else InvalidRecords()))
 
 
 def _select(dataset, indices):
     """``dataset.select(indices)``, or the dataset itself when every row is kept (the usual case): a dataset
     without an indices mapping reads its columns straight from the memory-mapped file, in any size."""
     return dataset if len(indices) == len(dataset) else dataset.select(indices)
-
-
-def _rows_without_problem(dataset):
-    import numpy as np
-
-    return np.flatnonzero(~column_values(dataset, "problem", nonempty))
 
 
 def _first_occurrences(hashes):
@@ -807,8 +798,7 @@ def prepare_question_data(data_args, training_args, invalid: InvalidRecords):
         items = raw.map(_question_example, num_proc=data_args.preprocessing_num_workers, features=features,
                         desc=f"Reading {name} questions",
                         new_fingerprint=_digest(raw._fingerprint, "questions", DATA_FORMAT_VERSION))
-        take_problems(items, invalid)
-        splits.append(items.select(_rows_without_problem(items)).select_columns(["prompt", "answer", "kind"]))
+        splits.append(items.select(take_problems(items, invalid)).select_columns(["prompt", "answer", "kind"]))
     return splits[0], splits[1]
 
 
