@@ -141,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         **extra,
     )
-    callback = adapter_inputs_in_bf16(trainer.model, training_args)
-    if callback is not None:
-        trainer.add_callback(callback)
+    adapter_inputs_in_bf16(trainer)
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics = dict(train_result.metrics)

@@ -97,9 +97,7 @@ def build_trainer(model_args, lora_args, training_args: SFTConfig, tokenizer, tr
         processing_class=tokenizer,
         data_collator=collator,
     )
-    callback = adapter_inputs_in_bf16(trainer.model, training_args)
-    if callback is not None:
-        trainer.add_callback(callback)
+    adapter_inputs_in_bf16(trainer)
     return trainer
 
 

@@ -237,8 +237,9 @@ def load_model(
     return model
 
 
-def adapter_inputs_in_bf16(model, training_args):
-    """A trainer callback (or None where it does not apply) for LoRA over bf16 weights under bf16 autocast.
+def adapter_inputs_in_bf16(trainer):
+    """Adds to the trainer (and returns) a callback for LoRA over bf16 weights under bf16 autocast; None (and
+    nothing added) where it does not apply.
 
     PEFT casts each adapter's input to the adapter's fp32 dtype, then autocast casts it back to bf16 for the
     matmul: per step and adapted layer, an fp32 copy of its input, the dropout of that copy kept for the
@@ -248,7 +249,8 @@ def adapter_inputs_in_bf16(model, training_args):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import TrainerCallback
 
-    if not (training_args.bf16 and _is_peft(model)) or getattr(model, "dtype", None) != torch.bfloat16:
+    model = trainer.model
+    if not (trainer.args.bf16 and _is_peft(model)) or getattr(model, "dtype", None) != torch.bfloat16:
         return None
     layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
@@ -261,7 +263,9 @@ def adapter_inputs_in_bf16(model, training_args):
             for layer in layers:
                 layer.cast_input_dtype_enabled = True
 
-    return AdapterInputsInBf16()
+    callback = AdapterInputsInBf16()
+    trainer.add_callback(callback)
+    return callback
 
 
 def _is_peft(model) -> bool:

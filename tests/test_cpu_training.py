@@ -66,13 +66,18 @@ def test_lora_on_cpu_uses_bulk_dropout_and_bf16_inputs_give_the_same_step(tiny_m
     (loss_cast, grads_cast), (loss_bf16, grads_bf16) = loss_and_grads(True), loss_and_grads(False)
     assert loss_cast == loss_bf16 and all(torch.equal(a, b) for a, b in zip(grads_cast, grads_bf16))
 
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    callback = adapter_inputs_in_bf16(model, TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True,
+                                                          report_to=[]))
+    callback = adapter_inputs_in_bf16(trainer)
+    assert callback in trainer.callback_handler.callbacks
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     callback.on_step_begin(None, None, None)
     assert not any(layer.cast_input_dtype_enabled for layer in layers)
     callback.on_step_end(None, None, None)  # evaluation and generation outside the steps cast as PEFT does
     assert all(layer.cast_input_dtype_enabled for layer in layers)
     fp32 = load_model(model_args, LoraArguments(), mixed_precision=False)
-    assert adapter_inputs_in_bf16(fp32, TrainingArguments(output_dir=str(tmp_path), use_cpu=True)) is None
+    fp32_trainer = Trainer(model=fp32, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    count = len(fp32_trainer.callback_handler.callbacks)
+    assert adapter_inputs_in_bf16(fp32_trainer) is None and len(fp32_trainer.callback_handler.callbacks) == count
