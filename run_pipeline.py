@@ -6,7 +6,7 @@
     python run_pipeline.py --with_opd      # also distill the SFT model into a half-depth student (+ ~10 min)
 
 Each stage runs its own script with its configs/*.yaml plus the short CPU settings below, so the
-whole run takes about 20 minutes on 2 CPU cores. LoRA stages are merged before the next stage
+whole run takes about 23 minutes on 2 CPU cores. LoRA stages are merged before the next stage
 builds on them (PT -> pt-merged -> SFT -> sft-merged -> RM, DPO, PPO, GRPO). A stage whose output is
 complete (metrics.json written last) is skipped on a rerun; a failing stage stops the pipeline
 with its name and log. The base model and every stage's model are evaluated on the held-out
