@@ -75,13 +75,22 @@ class EvaluationArguments:
                 "default: every model). The others get the likelihood measures only (answer loss, perplexity, MCQ "
                 "by option likelihood): one forward pass per item instead of a generation."})
     template_name: str | None = field(default=None, metadata={"help": "Chat template (default: each tokenizer's own)."})
+    torch_dtype: str = field(default="auto", metadata={
+        "help": "Every model's weights dtype, as the stages' --torch_dtype (auto: float32 on CPU). bfloat16 on a CPU "
+                "with native bf16 (AVX512-BF16/AMX) evaluates ~2x faster than float32, with likelihoods that differ "
+                "in the third digit."})
     max_samples: int | None = field(default=None, metadata={"help": "At most this many items per data set."})
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length for generated answers."})
     batch_size: int = field(default=8, metadata={"help": "Items per batch."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where results.json and results.md go."})
 
+    def __post_init__(self):
+        from medgpt.modeling import resolve_dtype
 
-def model_arguments(spec: str, template_name: str | None):
+        resolve_dtype(self.torch_dtype)  # an unknown name: a usage error naming --torch_dtype
+
+
+def model_arguments(spec: str, template_name: str | None, torch_dtype: str = "auto"):
     from medgpt.args import ModelArguments
 
     if "=" not in spec:
@@ -90,7 +99,8 @@ def model_arguments(spec: str, template_name: str | None):
     base, _, adapter = path.partition("+")
     try:
         return name, ModelArguments(model_name_or_path=None if base == "DEFAULT" else base,
-                                    adapter_name_or_path=adapter or None, template_name=template_name)
+                                    adapter_name_or_path=adapter or None, template_name=template_name,
+                                    torch_dtype=torch_dtype)
     except ValueError as error:
         raise SystemExit(f"--models {spec}: {error}") from None
 
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     benchmarks = read_benchmarks(args)
     if benchmarks and not args.models:
         raise SystemExit("--benchmark_files needs --models.")
-    models = [model_arguments(spec, args.template_name) for spec in args.models]  # every spec checked first
+    models = [model_arguments(spec, args.template_name, args.torch_dtype) for spec in args.models]  # every spec checked first
     if unknown := sorted(set(args.generation_models) - {name for name, _ in models}):
         raise SystemExit(f"--generation_models {' '.join(unknown)}: not among the --models names "
                          f"({', '.join(name for name, _ in models) or 'none given'}).")

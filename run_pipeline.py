@@ -175,6 +175,13 @@ def write_report(out: Path, durations: dict[str, float]) -> Path:
     return report
 
 
+def inference_dtype() -> str:
+    """bf16 evaluation where the CPU computes it natively (about 2x faster than float32); on GPUs auto is bf16."""
+    from medgpt.args import cpu_supports_bf16
+
+    return "bfloat16" if cpu_supports_bf16() else "auto"
+
+
 def evaluation_stage(out: Path, max_samples: int) -> Stage:
     merged = str(out / "sft-merged")
     models = ["base=DEFAULT", f"pt={out / 'pt-merged'}", f"sft={merged}", f"dpo={merged}+{out / 'dpo'}",
@@ -184,6 +191,7 @@ def evaluation_stage(out: Path, max_samples: int) -> Stage:
         "--text_files", "data/pretrain/eval", "--mcq_files", "data/grpo/eval",
         "--preference_files", "data/preference/eval", "--max_samples", str(max_samples), "--max_new_tokens", "64",
         "--generation_models", "base", "sft", "grpo",  # DPO/PPO's few steps: likelihood measures only
+        "--torch_dtype", inference_dtype(),
     ], "eval", "results.json")
 
 
@@ -199,7 +207,7 @@ def benchmark_stage(out: Path) -> Stage:
     merged = str(out / "sft-merged")
     return Stage("bench", "evaluate_model.py", [
         "--models", "base=DEFAULT", f"sft={merged}", f"grpo={merged}+{out / 'grpo'}",
-        "--benchmark_files", *BENCHMARK_SAMPLES,
+        "--benchmark_files", *BENCHMARK_SAMPLES, "--torch_dtype", inference_dtype(),
     ], "bench", "benchmarks.json")
 
 

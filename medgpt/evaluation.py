@@ -105,12 +105,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 1024, b
         for row, sequence in enumerate(chunk):
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:].to(device)
-        nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask[:, 1:].to(device)
-        total_nll += nll.sum().item()
-        total_tokens += int(mask[:, 1:].sum())
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, sequence in enumerate(chunk):  # one row in fp32 at a time: the whole batch's is GBs, and slow
+            scored = len(sequence) - 1
+            total_nll += torch.nn.functional.cross_entropy(logits[row, :scored].float(), ids[row, 1 : scored + 1].to(device),
+                                                           reduction="sum").item()
+            total_tokens += scored
     return {"perplexity": float(torch.exp(torch.tensor(total_nll / max(total_tokens, 1)))), "tokens": total_tokens}
 
 

@@ -132,3 +132,28 @@ def test_smoothed_curve_is_a_bias_corrected_moving_average(tmp_path):
     assert max(abs(a - b) for a, b in zip(trend[10:], trend[11:])) < 0.2 < max(abs(a - b) for a, b in zip(noisy, noisy[1:]))
     history = [{"step": step, "loss": value} for step, value in enumerate(noisy, start=1)]
     assert plot_loss(history, tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_perplexity_is_the_exponent_of_the_models_own_loss(tiny_model_dir):
+    """Perplexity over documents of different lengths, in any batch size, equals exp of the model's own token-mean
+    loss over each document followed by EOS (padding excluded)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medgpt.evaluation import perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    texts = ["Sepsis needs antibiotics within the first hour.", "Stroke: call emergency services. " * 7, "Fever."]
+    total, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    for batch_size in (1, 2, 3):
+        result = perplexity(model, tokenizer, texts, batch_size=batch_size)
+        assert result["tokens"] == count
+        assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
