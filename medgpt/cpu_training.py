@@ -1,4 +1,11 @@
-"""What makes LoRA training fast on a CPU: a dropout that draws its random numbers in bulk.
+"""What makes training fast on a CPU: memory that is reused instead of faulted in afresh, and a LoRA dropout
+that draws its random numbers in bulk.
+
+glibc's malloc hands every block over 128 KiB (its threshold rises with use, to at most 32 MiB) to the kernel
+with mmap and gives it back on free, and trims freed heap memory: a training step's activations, gradients and
+their temporaries are then zero-filled pages faulted in again at every step. On the embedded model (LoRA, 2 x 1024
+packed tokens, 2 cores) that was a quarter of the step in the kernel (36 of 136 s user time); keeping freed memory
+for reuse took the step from 8.1 to 5.7 s at the same peak memory.
 
 PEFT draws each adapter's dropout mask with ``bernoulli_``, which on the CPU generates one random number per
 element: on the embedded model (4 x 512 tokens, every linear layer adapted, gradient checkpointing, which
@@ -9,11 +16,35 @@ gradient checkpointing replays the same masks.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse in this process: blocks up to 32 MiB (its largest mmap threshold)
+    come from the heap, which grows 256 MiB at a time and is trimmed only above 2 GiB of free space. The peak stays
+    the same (freed memory is reused, not added to). No-op where the C library is not glibc. Returns whether it was applied."""
+    global _kept
+    if _kept:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        settings = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 * 2**20))
+        _kept = all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+    except (OSError, AttributeError):
+        return False
+    return _kept
 
 
 class BulkDropout(torch.nn.Module):

@@ -226,10 +226,12 @@ def load_model(
             model.requires_grad_(True)  # PEFT froze the base while loading; full training needs it back
     if training and lora_args is not None and lora_args.use_peft and not _is_peft(model):
         model = wrap_lora(model, lora_args, task, train_embeddings)
-    if training and _is_peft(model) and not torch.cuda.is_available():
-        from medgpt.cpu_training import use_bulk_dropout
+    if not torch.cuda.is_available():
+        from medgpt.cpu_training import keep_freed_memory, use_bulk_dropout
 
-        use_bulk_dropout(model)
+        keep_freed_memory()
+        if training and _is_peft(model):
+            use_bulk_dropout(model)
     if training and lora_args is not None and lora_args.freeze_trainable_layers:
         freeze_all_but_last_blocks(model, lora_args.freeze_trainable_layers)
     if training:
