@@ -47,14 +47,10 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
-class BulkDropout(torch.nn.Module):
+class BulkDropout(torch.nn.Dropout):
     """``nn.Dropout(p)`` with the mask drawn from 16-bit uniform numbers: an element is dropped with probability
-    ``round(p * 65536) / 65536`` (0.05 -> 0.0500031), kept ones scaled by ``1 / (1 - p)``."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.threshold = round(p * 65536) - 32768  # int16 lanes at or above it are kept
+    ``round(p * 65536) / 65536`` (0.05 -> 0.0500031), kept ones scaled by ``1 / (1 - p)``. An ``nn.Dropout``, so
+    what switches dropout off (TRL's ``disable_dropout``: ``p = 0`` on every ``nn.Dropout``) switches it off."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -63,11 +59,8 @@ class BulkDropout(torch.nn.Module):
         # torch's int64 random_() gives 63 random bits: the three low 16-bit lanes are uniform, the top one is not
         draws = torch.empty((count + 2) // 3, dtype=torch.int64, device=x.device).random_()
         lanes = draws.view(torch.int16).view(-1, 4)[:, :3]
-        keep = (lanes >= self.threshold).reshape(-1)[:count].view(x.shape)
+        keep = (lanes >= round(self.p * 65536) - 32768).reshape(-1)[:count].view(x.shape)  # these lanes are kept
         return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0)  # backward keeps only the boolean mask
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def use_bulk_dropout(model) -> int:

@@ -27,6 +27,18 @@ def test_bulk_dropout_drops_p_of_the_elements_and_scales_the_rest():
         assert abs((BulkDropout(p).train()(x) == 0).float().mean().item() - p) < 0.002
 
 
+def test_trl_disable_dropout_switches_bulk_dropout_off():
+    """DPO, GRPO, KTO and distillation switch dropout off by default (TRL's disable_dropout sets p = 0 on every
+    nn.Dropout): the bulk masks must go off with it, or those stages train with dropout TRL meant to disable."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), BulkDropout(0.5)).train()
+    x = torch.ones(64, 8)
+    assert (model(x) == 0).any()  # on: half the outputs dropped
+    disable_dropout_in_model(model)
+    assert torch.equal(model(x), model[0](x))  # off, still in training mode
+
+
 def test_bulk_dropout_masks_replay_under_gradient_checkpointing():
     """Checkpointing recomputes the forward in backward: the mask must be the same draw (torch's RNG state)."""
     from torch.utils.checkpoint import checkpoint
