@@ -4,9 +4,11 @@
     .venv/bin/python bench/dpo_memory.py --steps 4 --order medgpt,baseline
 
 Both sides train the same model with the same LoRA settings (r 8, alpha 16, dropout 0.05, all linear
-layers) on the same preference pairs, with the same batch size, max length, learning rate, seed,
-number of optimizer steps and precision (MedGPT's default for the machine: bf16 autocast over fp32
-weights where the CPU or GPU computes bf16 natively, else fp32; given to both sides):
+layers) on the same preference pairs (the first --steps x --batch_size of the files, one epoch), with the
+same batch size, max length, learning rate, seed, number of optimizer steps and precision (MedGPT's default
+for the machine: bf16 autocast over fp32 weights where the CPU or GPU computes bf16 natively, else fp32;
+given to both sides). Everything else is each side's own default (gradient checkpointing is on in both:
+TRL's DPOConfig default, which dpo_training.py keeps when no config file says otherwise).
 
 - baseline: TRL used plainly, as its documentation shows: the pairs as prompt/chosen/rejected
             messages (TRL applies the tokenizer's chat template and tokenizes them),
@@ -18,7 +20,8 @@ weights where the CPU or GPU computes bf16 natively, else fp32; given to both si
             the reference = the same model with the adapter disabled (no second model), MedGPT's own
             tokenization of the pairs with the stage's template.
 
-Printed per side: pairs/s over the training loop (the Trainer's train_runtime), its seconds, the
+Printed per side: pairs/s over the training loop (the Trainer's train_runtime, plus the pass that
+precomputes the reference log-probabilities before training where a side does that), its seconds, the
 non-padding tokens fed, the resident memory after imports and when training starts, and the peak
 resident memory of the whole process (VmHWM: loading, data preparation, training and saving).
 Each side runs in its own process so its peak is its own.
@@ -50,9 +53,24 @@ def memory_gib(field: str) -> float:
 
 
 def watch_train_start(marks: dict) -> None:
-    """Record resident memory when Trainer.train starts (models loaded, data prepared, trainer built)."""
-    from transformers import Trainer
+    """Record resident memory when Trainer.train starts (models loaded, data prepared, trainer built), and the
+    time of any pass that precomputes the reference log-probabilities before training (it counts as training)."""
+    import time
 
+    from transformers import Trainer
+    from trl import DPOTrainer
+
+    precompute = DPOTrainer._precompute_ref_logps
+    marks["reference_pass_seconds"] = 0.0
+
+    def timed_precompute(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return precompute(self, *args, **kwargs)
+        finally:
+            marks["reference_pass_seconds"] += time.perf_counter() - started
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
     original = Trainer.train
 
     def train(self, *args, **kwargs):
@@ -94,7 +112,7 @@ def preference_pairs(data_dir: str):
 def training_options(args, precision: dict) -> dict:
     return dict(max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
                 learning_rate=5e-5, beta=0.1, loss_type="sigmoid", logging_steps=1, save_strategy="no",
-                report_to="none", seed=0, gradient_checkpointing=False, dataloader_pin_memory=False, **precision)
+                report_to="none", seed=0, dataloader_pin_memory=False, **precision)
 
 
 def run_baseline(args, precision: dict, marks: dict) -> dict:
@@ -106,6 +124,7 @@ def run_baseline(args, precision: dict, marks: dict) -> dict:
     set_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dataset = preference_pairs(args.data_dir)
+    dataset = dataset.select(range(min(len(dataset), args.steps * args.batch_size)))  # the pairs trained on
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # the separate reference
     config = DPOConfig(output_dir=args.workdir, **training_options(args, precision))
@@ -122,6 +141,7 @@ def run_medgpt(args, precision: dict, marks: dict) -> dict:
     import dpo_training
 
     argv = ["--model_name_or_path", args.model, "--train_file_dir", args.data_dir, "--validation_split_percentage", "0",
+            "--max_train_samples", str(args.steps * args.batch_size),  # the same first pairs as the baseline
             "--output_dir", args.workdir, "--use_peft", "true", "--lora_r", str(LORA["r"]),
             "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", str(LORA["dropout"]),
             "--lora_target_modules", LORA["targets"]]
@@ -146,7 +166,7 @@ def run_side(args) -> dict:
     precision = {"bf16": bool(hardware.get("bf16")), "use_cpu": bool(hardware.get("use_cpu"))}
     metrics = (run_medgpt if args.side == "medgpt" else run_baseline)(args, precision, marks)
     pairs = args.steps * args.batch_size
-    seconds = metrics["train_runtime"]
+    seconds = metrics["train_runtime"] + marks["reference_pass_seconds"]
     return {"side": args.side, **marks, "bf16": precision["bf16"], "pairs": pairs, "seconds": seconds,
             "pairs_per_second": pairs / seconds, "tokens": int(metrics.get("num_input_tokens_seen", 0)),
             "train_loss": metrics.get("train_loss"), "peak_rss_gib": memory_gib("VmHWM")}

@@ -250,6 +250,9 @@ def turn_end_generation_config(model, tokenizer, template):
     return config
 
 
+SMOOTHED_FROM = 8  # a curve of at least this many points is drawn (and reported) with its smoothed trend
+
+
 def smoothed(values, weight: float = 0.8) -> list[float]:
     """Exponential moving average, bias-corrected so the first points are not pulled toward zero (the
     smoothing TensorBoard shows): a noisy per-step loss curve shows its trend."""
@@ -275,7 +278,7 @@ def plot_loss(log_history: list[dict], path: Path, keys: tuple[str, ...] = ("los
     figure, axis = plt.subplots(figsize=(7, 4))
     for key, points in series.items():
         steps, values = zip(*points)
-        if len(points) < 8:
+        if len(points) < SMOOTHED_FROM:
             axis.plot(steps, values, marker="o", label=key)
             continue
         line, = axis.plot(steps, values, alpha=0.35, label=f"{key} (per step)")

@@ -132,6 +132,16 @@ def test_smoothed_curve_is_a_bias_corrected_moving_average(tmp_path):
     assert max(abs(a - b) for a, b in zip(trend[10:], trend[11:])) < 0.2 < max(abs(a - b) for a, b in zip(noisy, noisy[1:]))
     history = [{"step": step, "loss": value} for step, value in enumerate(noisy, start=1)]
     assert plot_loss(history, tmp_path / "loss.png").stat().st_size > 0
+    # the report's curve column: a last step above the first, while the trend falls, says both
+    sys.path.insert(0, str(ROOT))
+    from run_pipeline import first_last
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history[:-1] + [{"loss": 3.1}]}))
+    text = first_last(tmp_path, "loss")
+    head, trend = text.split(" (smoothed ")
+    assert head == "2.600 -> 3.100"
+    start, end = (float(value) for value in trend.rstrip(")").split(" -> "))
+    assert start == 2.6 and end < 2.2
 
 
 def test_perplexity_is_the_exponent_of_the_models_own_loss(tiny_model_dir):
