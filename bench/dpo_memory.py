@@ -212,6 +212,8 @@ def main() -> None:
         print(f"{side:9} {r['pairs_per_second']:8.3f} {r['seconds']:8.1f} {r['pairs']:6d} {r['tokens']:7d} "
               f"{r['rss_after_imports_gib']:8.2f} GiB {r['rss_train_start_gib']:12.2f} GiB {r['peak_rss_gib']:5.2f} GiB"
               f"  {r['reference']}, {'bf16 autocast' if r['bf16'] else 'fp32'}")
+    if len(results) < 2:
+        return  # one side only (--order medgpt): no ratio
     speed = results["medgpt"]["pairs_per_second"] / results["baseline"]["pairs_per_second"]
     memory = results["medgpt"]["peak_rss_gib"] / results["baseline"]["peak_rss_gib"]
     print(f"\nmedgpt / baseline: {memory:.2f}x peak RSS, {speed:.2f}x pairs/s (order: {args.order})")
