@@ -167,3 +167,20 @@ def test_perplexity_is_the_exponent_of_the_models_own_loss(tiny_model_dir):
         result = perplexity(model, tokenizer, texts, batch_size=batch_size)
         assert result["tokens"] == count
         assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_pipeline_resumes_a_resumable_stage_and_restarts_the_others(tmp_path):
+    """An incomplete earlier attempt of a stage: kept for a resumable stage (SFT resumes from its newest
+    checkpoint), removed for the others and under --force (fresh)."""
+    sys.path.insert(0, str(ROOT))
+    from run_pipeline import Stage, run_stage
+
+    script = tmp_path / "stage.py"
+    script.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+                      "print('found' if (out / 'checkpoint-20').is_dir() else 'fresh')\n"
+                      "out.mkdir(parents=True, exist_ok=True)\n", encoding="utf-8")
+    out = tmp_path / "out"
+    for resumable, fresh, expected in ((True, False, "found"), (True, True, "fresh"), (False, False, "fresh")):
+        (out / "sft" / "checkpoint-20").mkdir(parents=True, exist_ok=True)  # what a crash left
+        run_stage(Stage("sft", str(script), [], "sft", resumable=resumable), out, 1, 1, fresh=fresh)
+        assert (out / "logs" / "sft.log").read_text().strip() == expected, (resumable, fresh)
