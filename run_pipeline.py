@@ -6,7 +6,7 @@
     python run_pipeline.py --with_opd      # also distill the SFT model into a half-depth student (+ ~10 min)
 
 Each stage runs its own script with its configs/*.yaml plus the short CPU settings below, so the
-whole run takes about 20 minutes on 2 CPU cores, half of them SFT: one full epoch of the shipped
+whole run takes about 18 minutes on 2 CPU cores, half of them SFT: one full epoch of the shipped
 conversations (checkpointed: an interrupted SFT resumes on a rerun). LoRA stages are merged before the next stage
 builds on them (PT -> pt-merged -> SFT -> sft-merged -> RM, DPO, PPO, GRPO). A stage whose output is
 complete (metrics.json written last) is skipped on a rerun; a failing stage stops the pipeline
