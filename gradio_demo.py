@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from medgpt.args import ModelArguments, parse_args, run_cli
-from medgpt.dose_limits import dose_note
+from medgpt.safety_notes import safety_note
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 from medgpt.rag import RagArguments, answer_stream, open_knowledge_base
 
@@ -37,11 +37,11 @@ EXAMPLES = [
 EMPTY_ANSWER = "(The model ended its turn without any text. Ask again or rephrase the question.)"
 
 REASONING_SHOWN = re.compile(r"^<details><summary>Reasoning</summary>.*?</details>\s*", re.S)
-DOSE_NOTE_SHOWN = re.compile(r"\n\n> (Dose check \(|剂量核对（).*\Z", re.S)
+SAFETY_NOTE_SHOWN = re.compile(r"\n\n> (Emergency signs \(|急症信号（|Dose check \(|剂量核对（).*\Z", re.S)
 
 
-def with_dose_note(content: str, note: str) -> str:
-    """An answer with medgpt.dose_limits' note quoted below it (DOSE_NOTE_SHOWN takes it off again)."""
+def with_safety_note(content: str, note: str) -> str:
+    """An answer with medgpt.safety_notes' note quoted below it (SAFETY_NOTE_SHOWN takes it off again)."""
     return content + "\n\n" + "\n".join("> " + line for line in note.splitlines())
 
 
@@ -117,8 +117,8 @@ def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
             yield history, ""
             return
         history = list(history or []) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        messages = [{"role": m["role"], "content": DOSE_NOTE_SHOWN.sub("", REASONING_SHOWN.sub("", _text(m["content"])))}
-                    for m in history[:-1]]
+        messages = [{"role": m["role"], "content": SAFETY_NOTE_SHOWN.sub("", REASONING_SHOWN.sub("", _text(m["content"])))}
+                    for m in history[:-1]]  # without the reasoning shown and MedGPT's safety note
         if system_prompt.strip():
             messages = [{"role": "system", "content": system_prompt.strip()}] + messages
         settings = GenerationArguments(
@@ -142,8 +142,8 @@ def chat_tab(chat: ChatModel, defaults: GenerationArguments) -> None:
             if not answer.strip() and not current.stopped_by_user:
                 history[-1] = {"role": "assistant", "content": EMPTY_ANSWER}
                 yield history, ""
-            elif note := dose_note(message, answer):  # the label limits, shown below the answer, not sent back
-                history[-1] = {"role": "assistant", "content": with_dose_note(history[-1]["content"], note)}
+            elif note := safety_note(message, answer):  # shown below the answer, not sent back to the model
+                history[-1] = {"role": "assistant", "content": with_safety_note(history[-1]["content"], note)}
                 yield history, ""
         finally:
             current.done.set()

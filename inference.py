@@ -34,7 +34,7 @@ from tqdm import tqdm
 from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.data_files import parse_json_record, raw_records
 from medgpt.records import DataError, qa_item_from_record
-from medgpt.dose_limits import dose_note
+from medgpt.safety_notes import safety_note
 from medgpt.generation import DISCLAIMER, ChatModel, GenerationArguments
 
 
@@ -185,8 +185,8 @@ def answer_lines(items: Iterable[dict], answers: Iterable) -> Iterator[str]:
     """One JSON line per question: the answer (a string, or a Completion whose reasoning is written apart)."""
     for item, answer in zip(items, answers):
         row = {"question": item["messages"][-1]["content"], "answer": getattr(answer, "text", answer)}
-        if note := dose_note(str(row["question"]), row["answer"]):
-            row["dose_note"] = note  # the label limits of a medicine whose dose is asked or given, not the model's
+        if note := safety_note(str(row["question"]), row["answer"]):
+            row["safety_note"] = note  # emergency signs, dose limits: MedGPT's, not the model's (safety_notes.py)
         if getattr(answer, "reasoning", None):
             row["reasoning_content"] = answer.reasoning
         if "reference" in item:
@@ -321,7 +321,7 @@ def run_interactive(chat: ChatModel, settings: GenerationArguments) -> None:
             answer += piece
             print(piece, end="", flush=True)
         print("\n")
-        if note := dose_note(question, answer):
+        if note := safety_note(question, answer):
             print(note + "\n")
         history.append({"role": "assistant", "content": answer.strip()})
 

@@ -20,8 +20,8 @@ import json, sys
 for line in open(sys.argv[1], encoding="utf-8"):
     row = json.loads(line)
     print(f"\nQ: {row['question']}\nA: {row['answer']}")
-    if row.get("dose_note"):
-        print(row["dose_note"])
+    if row.get("safety_note"):
+        print(row["safety_note"])
 print("\n(Answers from a small demo model: not medical advice.)")
 PYEOF
 fi

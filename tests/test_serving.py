@@ -393,6 +393,12 @@ def test_web_demo_streams_an_answer_and_answers_from_the_knowledge_base_in_chrom
             page.click("#clear")
             page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('What is a fever?')",
                                    timeout=30000)
+            # a dose question: MedGPT's label limits appear below the (random tiny model's) answer when it ends
+            page.fill("#question textarea", "How much paracetamol can an adult take in a day?")
+            page.click("#send")
+            page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('Dose check')",
+                                   timeout=120000)
+            assert "never more than 4 g (4,000 mg) in 24 hours" in page.inner_text("#chatbot")
 
             page.get_by_role("tab", name="Knowledge base").click()
             page.fill("#kb-question textarea", "What blood pressure reading counts as hypertension?")

@@ -1,8 +1,9 @@
-"""Answers about a dose of a common medicine get the label limits beside them, whatever the model wrote."""
+"""Answers get MedGPT's safety notes beside them, whatever the model wrote: the label limits of a common medicine
+whose dose is asked or given, and the advice to call emergency services when an emergency sign is named."""
 
 import json
 
-from medgpt.dose_limits import dose_note
+from medgpt.safety_notes import dose_note, emergency_note, safety_note
 
 
 def test_a_wrong_dose_answer_gets_the_label_limit():
@@ -25,6 +26,22 @@ def test_chinese_questions_get_the_chinese_note():
 def test_no_note_without_a_listed_medicine_or_a_dose():
     assert dose_note("What are the warning signs of a stroke?", "Face drooping, arm weakness: call 120.") is None
     assert dose_note("I have a sore throat.", "Paracetamol or ibuprofen can ease the pain.") is None
+    assert safety_note("I have a sore throat.", "Rest, fluids, and see a doctor if it lasts a week.") is None
+
+
+def test_emergency_signs_get_the_advice_to_call_emergency_services():
+    # the embedded model's answer after the pipeline, in a session's run
+    answer = ("If you're feeling unwell, call your pharmacist immediately if you experience: Coughing up blood or "
+              "mucus; Swelling of the face or tongue; Difficulty swallowing or choking")
+    note = emergency_note("I have had a mild sore throat for two days.", answer)
+    assert note.startswith("Emergency signs (MedGPT's note") and "call your local emergency number at once" in note
+    assert "swelling of the face, lips, tongue or throat" in note and "coughing or vomiting blood" in note
+    assert "choking" in note and "chest pain" not in note
+    zh = emergency_note("我胸口痛，还喘不上气，怎么办？", "")
+    assert zh.startswith("急症信号") and "胸痛或胸闷" in zh and "呼吸困难" in zh and "120" in zh
+    both = safety_note("My child had a seizure after too much paracetamol, what is the maximum dose?", "")
+    first, second = both.split("\n", 1)
+    assert first.startswith("Emergency signs") and "seizure" in first and second.startswith("Dose check")
 
 
 def test_batch_answers_carry_the_note(tiny_model_dir, tmp_path):
@@ -37,12 +54,13 @@ def test_batch_answers_carry_the_note(tiny_model_dir, tmp_path):
     inference.main(["--base_model", str(tiny_model_dir), "--data_file", str(questions), "--output_file", str(output),
                     "--temperature", "0", "--max_new_tokens", "4"])
     dose, other = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
-    assert "4 g (4,000 mg)" in dose["dose_note"] and "dose_note" not in other
+    assert "4 g (4,000 mg)" in dose["safety_note"] and "safety_note" not in other
 
 
 def test_the_demo_shows_the_note_below_the_answer_and_keeps_it_out_of_the_conversation():
-    from gradio_demo import DOSE_NOTE_SHOWN, with_dose_note
+    from gradio_demo import SAFETY_NOTE_SHOWN, with_safety_note
 
-    for question in ("How much paracetamol a day?", "扑热息痛一天最多吃多少？"):
-        shown = with_dose_note("The answer.", dose_note(question, ""))
-        assert "\n\n> " in shown and DOSE_NOTE_SHOWN.sub("", shown) == "The answer."
+    for question in ("How much paracetamol a day?", "扑热息痛一天最多吃多少？", "Chest pain: what now?", "胸痛怎么办？",
+                     "Chest pain after 6 g of paracetamol?"):
+        shown = with_safety_note("The answer.", safety_note(question, ""))
+        assert "\n\n> " in shown and SAFETY_NOTE_SHOWN.sub("", shown) == "The answer."
