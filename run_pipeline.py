@@ -116,6 +116,8 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, fresh: bool = Fal
 
 
 def first_last(output: Path, key: str) -> str:
+    from medgpt.training import SMOOTHED_FROM, smoothed
+
     state = output / "trainer_state.json"
     if not state.is_file():
         return "-"
@@ -123,8 +125,6 @@ def first_last(output: Path, key: str) -> str:
     if not values:
         return "-"
     text = f"{values[0]:.3f} -> {values[-1]:.3f}"
-    from medgpt.training import SMOOTHED_FROM, smoothed
-
     if len(values) >= SMOOTHED_FROM:  # a long per-step curve is noisy: its trend too, as the plot draws it
         trend = smoothed(values)
         text += f" (smoothed {trend[0]:.3f} -> {trend[-1]:.3f})"

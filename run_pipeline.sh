@@ -2,7 +2,7 @@
 # The main job on a fresh machine: set up, then the whole pipeline on the embedded default model and
 # the shipped medical data (PT -> SFT -> RM -> DPO -> PPO -> GRPO), evaluation of the base model and
 # every stage, outputs/pipeline/report.md, and sample answers from the final model. About 18
-# minutes on 2 CPU cores (SFT: one full epoch of the shipped conversations) (plus setup the first time). Arguments go to run_pipeline.py (--force, --stages ..., --output_dir ...).
+# minutes on 2 CPU cores, SFT one full epoch of the shipped conversations (plus setup the first time). Arguments go to run_pipeline.py (--force, --stages ..., --output_dir ...).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh

@@ -43,6 +43,11 @@ HEADERS = ("Dose check (MedGPT's table of label limits, not the model's answer; 
            "剂量核对（来自MedGPT的说明书限量表，并非模型回答；请咨询药师或医生；如已超过限量服用，即使没有症状也应立即就医）：")
 
 
+def _in_chinese(question: str) -> bool:
+    """Whether a question holds CJK characters: its notes are then given in Chinese."""
+    return bool(re.search(r"[\u4e00-\u9fff]", question))
+
+
 def dose_note(question: str, answer: str) -> str | None:
     """The limits of the medicines named in a question or its answer, when either is about a dose (a dose
     word, or an amount such as "500 mg"); None otherwise. In Chinese when the question is."""
@@ -51,7 +56,7 @@ def dose_note(question: str, answer: str) -> str | None:
     named = [medicine for medicine in MEDICINES if any(name in lowered for name in medicine[0])]
     if not named or not ABOUT_DOSE.search(text):
         return None
-    chinese = bool(re.search(r"[\u4e00-\u9fff]", question))
+    chinese = _in_chinese(question)
     lines = [HEADERS[chinese]] + [f"- {medicine[2] if chinese else medicine[1]}" for medicine in named]
     return "\n".join(lines)
 
@@ -81,7 +86,7 @@ def emergency_note(question: str, answer: str) -> str | None:
     """The advice to call emergency services now, when a question or its answer names an emergency sign; None
     otherwise. In Chinese when the question is."""
     lowered = f"{question}\n{answer}".lower()
-    chinese = bool(re.search(r"[\u4e00-\u9fff]", question))
+    chinese = _in_chinese(question)
     signs = [sign[2] if chinese else sign[1] for sign in EMERGENCY_SIGNS if any(p in lowered for p in sign[0])]
     if not signs:
         return None
