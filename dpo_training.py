@@ -8,7 +8,9 @@ no reference model), `simpo` (TRL's CPO trainer with the SimPO loss, reference-f
 or pairs split into a desirable and an undesirable answer). Each variant takes its trainer's own flags
 (--simpo_gamma, --desirable_weight ...).
 With LoRA the reference model is the SFT model itself with the new adapter switched off, so no
-second copy sits in memory; full fine-tuning loads a frozen copy as reference.
+second copy sits in memory; full fine-tuning loads a frozen copy as reference. The DPO loss (sigmoid)
+takes the answers' log-probabilities a chunk of tokens at a time from the last hidden states
+(--chunked_logps, on by default): no rows x length x vocabulary logits tensor is ever held.
 
 Preference formats are those of reward_modeling.py (see its --help). Held-out reward accuracy
 (the implicit reward of `chosen` above `rejected`) and margins are reported after training.
@@ -29,10 +31,15 @@ import sys
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental in TRL 1.12
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
 
+from medgpt.answer_logps import answer_logps, backbone_and_head, logit_modifiers  # noqa: E402
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options  # noqa: E402
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import adapter_inputs_in_bf16, load_model, load_template, load_tokenizer
@@ -40,6 +47,20 @@ from medgpt.tokenization import prepare_preference_data
 from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
 
 logger = logging.getLogger("medgpt.dpo")
+
+
+@dataclass
+class DPOScriptArguments:
+    """How the DPO loss is computed."""
+
+    chunked_logps: bool = field(default=True, metadata={
+        "help": "DPO (--loss_type sigmoid): take each answer's log-probability from the model's last hidden states, "
+                "answer tokens only, a chunk of tokens at a time, recomputed in the backward pass, instead of from "
+                "logits over the whole vocabulary at every position (rows x length x vocabulary values, e.g. 1.2 GB "
+                "in bf16 for 4 rows of 1,000 tokens over a 152k vocabulary, held through the backward). Same loss, "
+                "a fraction of the memory. Other losses, --use_weighting, --ld_alpha, an f-divergence other than "
+                "reverse_kl, MoE router losses, vision models and soft-capped logits use TRL's path (logged). "
+                "Logged metrics: rewards/*, logps/*, num_tokens (not entropy, logits/*, mean_token_accuracy)."})
 
 
 @dataclass
@@ -58,12 +79,68 @@ VARIANTS = {
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer on pairs MedGPT has already tokenized (prompt_ids, chosen_ids, rejected_ids)."""
+    """DPOTrainer on pairs MedGPT has already tokenized (prompt_ids, chosen_ids, rejected_ids); with
+    ``chunked_logps`` its DPO loss comes from answer log-probabilities taken in chunks (medgpt/answer_logps.py)."""
+
+    chunked_logps = False
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "chosen_ids" in dataset.column_names:
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def why_not_chunked(self) -> str | None:
+        """Why the chunked DPO loss cannot serve this run (TRL's path does), or None."""
+        checks = {"--loss_type other than sigmoid": self.loss_types != ["sigmoid"],
+                  "--f_divergence_type other than reverse_kl": self.f_divergence_type != "reverse_kl",
+                  "--ld_alpha": self.ld_alpha is not None, "--use_weighting": self.use_weighting,
+                  "--use_liger_kernel (TRL's fused loss)": self.use_liger_kernel,
+                  "a MoE router loss": self.aux_loss_enabled, "a vision model": self._is_vlm,
+                  f"logits changed after the LM head ({', '.join(logit_modifiers(self.model.config))})":
+                      bool(logit_modifiers(self.model.config))}
+        return next((reason for reason, applies in checks.items() if applies), None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.chunked_logps or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        batch = (inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        with self.accelerator.autocast():  # backbone and head are called outside the model's forward (and its autocast)
+            chosen, rejected, ref_chosen, ref_rejected = self.pair_logps(inputs, batch)
+        chosen_rewards, rejected_rewards = self.beta * (chosen - ref_chosen), self.beta * (rejected - ref_rejected)
+        loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean() * self.loss_weights[0]
+        self.log_pair_metrics(mode, inputs, chosen, rejected, chosen_rewards.detach(), rejected_rewards.detach())
+        return loss
+
+    def pair_logps(self, inputs, batch):
+        """Answer log-probabilities of the policy (chosen, rejected) and of the reference (ref_chosen, ref_rejected)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        chosen, rejected = answer_logps(*backbone_and_head(policy), *batch).chunk(2)  # batch: [chosen..., rejected...]
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                if self.ref_model is None:  # LoRA: the model with the adapter off (or a frozen "ref" adapter)
+                    with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
+                        ref_chosen, ref_rejected = answer_logps(*backbone_and_head(policy), *batch).chunk(2)
+                else:
+                    reference = self.accelerator.unwrap_model(self.ref_model)
+                    ref_chosen, ref_rejected = answer_logps(*backbone_and_head(reference), *batch).chunk(2)
+        return chosen, rejected, ref_chosen, ref_rejected
+
+    def log_pair_metrics(self, mode, inputs, chosen, rejected, chosen_rewards, rejected_rewards):
+        """The metrics TRL's DPO loss logs that need no full logits, under TRL's names."""
+        gather = self.accelerator.gather_for_metrics
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self._total_train_tokens]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
 
 
 def requested_loss(argv: list[str]) -> list[str]:
@@ -90,7 +167,7 @@ def requested_loss(argv: list[str]) -> list[str]:
 def parse(argv: list[str]):
     """Parse with the config class of the trainer that serves --loss_type (DPOConfig, or ORPO's, CPO's
     (SimPO) or KTO's), so each variant's own flags work and flags it lacks are reported."""
-    types = (ModelArguments, DataArguments, LoraArguments)
+    types = (ModelArguments, DataArguments, LoraArguments, DPOScriptArguments)
     loss = requested_loss(argv)
     variant = loss[0] if len(loss) == 1 and loss[0] in VARIANTS else None
     if any(name in VARIANTS for name in loss) and variant is None:
@@ -100,7 +177,7 @@ def parse(argv: list[str]):
         return parse_args((*types, DPOConfig), argv, defaults={"overlong_policy": "truncate"}, **options,
                           replaced=trl_options("dataset_num_proc", "truncation_mode", "model_init_kwargs")), DPOTrainer
     config_class, trainer_class, defaults = VARIANTS[variant]
-    replaced = trl_options("model_init_kwargs")
+    replaced = {**trl_options("model_init_kwargs"), "chunked_logps": "it applies to DPOTrainer's losses only."}
     if variant == "kto":  # KTO's trainer tokenizes the rendered examples and cuts them to --max_length itself
         replaced.update({name: "KTO's trainer cuts over-long examples to --max_length itself."
                          for name in ("overlong_policy", "max_prompt_length")})
@@ -110,7 +187,7 @@ def parse(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    (model_args, data_args, lora_args, training_args, resolved), trainer_class = parse(argv)
+    (model_args, data_args, lora_args, script_args, training_args, resolved), trainer_class = parse(argv)
     start_run(training_args, resolved)
 
     tokenizer = load_tokenizer(model_args)
@@ -141,10 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         **extra,
     )
+    if trainer_class is PretokenizedDPOTrainer and script_args.chunked_logps:
+        reason = trainer.why_not_chunked()
+        trainer.chunked_logps = reason is None
+        logger.info("DPO loss from answer log-probabilities in chunks (--chunked_logps)" if reason is None else
+                    f"--chunked_logps does not apply with {reason}: TRL's full-logits path is used")
     adapter_inputs_in_bf16(trainer)
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     save_model(trainer, tokenizer, template, training_args.output_dir)  # before any report
     metrics = dict(train_result.metrics)
+    metrics["chunked_logps"] = bool(getattr(trainer, "chunked_logps", False))
     loss = training_args.loss_type
     metrics["loss_type"] = loss if isinstance(loss, str) else ",".join(loss)
     metrics.update(data_counts)

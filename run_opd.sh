@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
+eval "$(.venv/bin/python -m medgpt.allocator)"  # train on tcmalloc where installed (medgpt/allocator.py)
 TEACHER=${TEACHER:-}
 if [ -z "$TEACHER" ] && [ -f outputs/sft-merged/config.json ]; then
   TEACHER=outputs/sft-merged

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgpt.allocator import launch_env
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -104,7 +106,7 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, fresh: bool = Fal
     started = time.time()
     with log_path.open("w", encoding="utf-8") as log:
         process = subprocess.Popen([sys.executable, stage.script, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1, env=launch_env())
         for line in process.stdout:
             log.write(line)
             sys.stdout.write(line)

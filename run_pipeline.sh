@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
+eval "$(.venv/bin/python -m medgpt.allocator)"  # train on tcmalloc where installed (medgpt/allocator.py)
 PY=.venv/bin/python
 $PY run_pipeline.py "$@"
 

@@ -9,5 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
+eval "$(.venv/bin/python -m medgpt.allocator)"  # train on tcmalloc where installed (medgpt/allocator.py)
 source scripts/from_sft.sh
 exec .venv/bin/python ppo_training.py --config configs/ppo.yaml "${FROM[@]}" "$@"

@@ -8,4 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
+eval "$(.venv/bin/python -m medgpt.allocator)"  # train on tcmalloc where installed (medgpt/allocator.py)
 exec .venv/bin/python pretraining.py --config configs/pt.yaml "$@"

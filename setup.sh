@@ -18,3 +18,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 echo "[setup] embedded default model: $("$VENV/bin/python" -m medgpt.base_model | tail -n 1)"
+# tcmalloc, which the run_*.sh scripts start training with on Linux (medgpt/allocator.py: less memory, no slower):
+# Debian/Ubuntu's package, installed where this runs as root with apt-get; elsewhere a note says how.
+if [ "$(uname -s)" = Linux ] && ! "$VENV/bin/python" -c "import sys; from medgpt.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)"; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing tcmalloc (Debian package libtcmalloc-minimal4)"
+    export DEBIAN_FRONTEND=noninteractive
+    for package in libtcmalloc-minimal4 libtcmalloc-minimal4t64; do
+      apt-get install -y -qq "$package" >/dev/null 2>&1 && break
+      apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$package" >/dev/null 2>&1 && break
+    done
+  fi
+  "$VENV/bin/python" -c "import sys; from medgpt.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" ||
+    echo "[setup] note: tcmalloc is not installed, so training uses the system allocator (more memory); install it with: sudo apt-get install libtcmalloc-minimal4"
+fi

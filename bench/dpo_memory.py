@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medgpt.allocator import allocator_name, launch_env  # noqa: E402
+
 LORA = dict(r=8, alpha=16, dropout=0.05, targets="all-linear")
 
 
@@ -167,7 +169,7 @@ def run_side(args) -> dict:
     metrics = (run_medgpt if args.side == "medgpt" else run_baseline)(args, precision, marks)
     pairs = args.steps * args.batch_size
     seconds = metrics["train_runtime"] + marks["reference_pass_seconds"]
-    return {"side": args.side, **marks, "bf16": precision["bf16"], "pairs": pairs, "seconds": seconds,
+    return {"side": args.side, **marks, "bf16": precision["bf16"], "allocator": allocator_name(), "pairs": pairs, "seconds": seconds,
             "pairs_per_second": pairs / seconds, "tokens": int(metrics.get("num_input_tokens_seen", 0)),
             "train_loss": metrics.get("train_loss"), "peak_rss_gib": memory_gib("VmHWM")}
 
@@ -200,18 +202,19 @@ def main() -> None:
                        "--steps", str(args.steps), "--workdir", workdir]
             if args.medgpt_args:
                 command += ["--medgpt_args", *args.medgpt_args]
-            output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+            env = launch_env(env) if side == "medgpt" else env  # MedGPT's launchers preload tcmalloc where installed
+            output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
         lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
         if output.returncode != 0 or not lines:
             raise SystemExit(f"{side} failed:\n{output.stderr[-3000:]}")
         results[side] = json.loads(lines[-1][7:])
     print(f"{'':9} {'pairs/s':>8} {'seconds':>8} {'pairs':>6} {'tokens':>7} {'RSS imports':>12} "
-          f"{'RSS train start':>16} {'peak RSS':>9}  reference, precision")
+          f"{'RSS train start':>16} {'peak RSS':>9}  reference, precision, allocator")
     for side, r in results.items():
         print(f"{side:9} {r['pairs_per_second']:8.3f} {r['seconds']:8.1f} {r['pairs']:6d} {r['tokens']:7d} "
               f"{r['rss_after_imports_gib']:8.2f} GiB {r['rss_train_start_gib']:12.2f} GiB {r['peak_rss_gib']:5.2f} GiB"
-              f"  {r['reference']}, {'bf16 autocast' if r['bf16'] else 'fp32'}")
+              f"  {r['reference']}, {'bf16 autocast' if r['bf16'] else 'fp32'}, {r['allocator']}")
     if len(results) < 2:
         return  # one side only (--order medgpt): no ratio
     speed = results["medgpt"]["pairs_per_second"] / results["baseline"]["pairs_per_second"]

@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medgpt.allocator import allocator_name, launch_env  # noqa: E402
+
 SPEED_TARGET, MEMORY_TARGET = 1.5, 0.35  # issue 17: medgpt / baseline
 
 
@@ -152,7 +154,7 @@ def run_side(args) -> dict:
     warm = min(args.warmup_steps, len(times) - 1)
     tokens_per_second = sum(tokens[warm:len(times)]) / sum(times[warm:])
     # training FLOPs per token ~ 6 x parameters (forward + backward), the usual MFU convention
-    return {"side": args.side, "bf16": bool(bf16), "description": description, "weights": weights_dtype,
+    return {"side": args.side, "allocator": allocator_name(), "bf16": bool(bf16), "description": description, "weights": weights_dtype,
             "steps": args.steps, "real_tokens": sum(tokens[:len(times)]), "seconds": seconds,
             "warmup_steps": warm, "step_seconds": [round(t, 2) for t in times],
             "tokens_per_second": tokens_per_second, "tokens_per_second_with_warmup": sum(tokens[:len(times)]) / seconds,
@@ -214,17 +216,19 @@ def main() -> None:
                    f"--medgpt_flags={args.medgpt_flags}", "--sides", args.sides]
         if args.model:
             command += ["--model", args.model]
-        output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = launch_env(env) if side == "medgpt" else env  # MedGPT's launchers preload tcmalloc where installed
+        output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
         lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
         if output.returncode != 0 or not lines:
             raise SystemExit(f"{side} failed:\n{output.stderr[-3000:]}")
         results[side] = json.loads(lines[-1][7:])
     print(f"{'':10} {'real tok/s':>11} {'(all steps)':>11} {'MFU':>7} {'peak GiB':>9} {'tokens':>8} {'seconds':>8}  "
-          "weights, how")
+          "weights, how, allocator")
     for side, r in results.items():
         print(f"{side:10} {r['tokens_per_second']:11.1f} {r['tokens_per_second_with_warmup']:11.1f} {r['mfu']:7.2%} "
-              f"{r['peak_memory_gib']:9.2f} {r['real_tokens']:8d} {r['seconds']:8.1f}  {r['weights']}, {r['description']}")
+              f"{r['peak_memory_gib']:9.2f} {r['real_tokens']:8d} {r['seconds']:8.1f}  {r['weights']}, {r['description']}, "
+              f"{r['allocator']}")
         print(f"{'':10} step seconds: {r['step_seconds']} (first {r['warmup_steps']} left out of tokens/s)")
     if set(results) != {"baseline", "medgpt"}:
         return

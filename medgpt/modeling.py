@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from medgpt.args import LoraArguments, ModelArguments
 from medgpt.base_model import prepare_default_model
+from medgpt.cast_on_load import cast_mapped_weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,17 @@ def _saved_quantization(folder: str, gguf: dict) -> bool:
 
     config = Path(folder, "config.json")
     return not gguf and config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def _stored_in_fp32(folder: str, gguf: dict) -> bool:
+    """Whether a local model folder holds fp32 safetensors weights (its config.json says so)."""
+    import json
+
+    config = Path(folder, "config.json")
+    if gguf or not config.is_file() or not any(Path(folder).glob("model*.safetensors")):
+        return False
+    settings = json.loads(config.read_text())
+    return str(settings.get("dtype") or settings.get("torch_dtype")) == "float32"
 
 
 def check_reward_model(path: str, flag: str = "--reward_model_path") -> None:
@@ -208,6 +220,10 @@ def load_model(
     folder, gguf = gguf_location(path)
     if (quant is not None or _saved_quantization(folder, gguf)) and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    # fp32 weights wanted in 16 bits: loaded as they are (memory-mapped) and cast one by one (cast_on_load.py)
+    cast_to = dtype if dtype != torch.float32 and quant is None and _stored_in_fp32(folder, gguf) else None
+    if cast_to is not None:
+        kwargs["dtype"] = torch.float32
     with explain_load_errors("--model_name_or_path", path):
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **kwargs)
@@ -215,6 +231,8 @@ def load_model(
             model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **gguf, **kwargs)
         else:
             raise ValueError(f"unknown task {task}")
+    if cast_to is not None:
+        cast_mapped_weights(model, cast_to)
 
     if quant is not None and training:
         from peft import prepare_model_for_kbit_training
@@ -227,9 +245,11 @@ def load_model(
     if training and lora_args is not None and lora_args.use_peft and not _is_peft(model):
         model = wrap_lora(model, lora_args, task, train_embeddings)
     if not torch.cuda.is_available():
+        from medgpt.allocator import preloaded
         from medgpt.cpu_training import keep_freed_memory, use_bulk_dropout
 
-        keep_freed_memory()
+        if not preloaded():  # glibc's malloc: tuned to reuse memory (tcmalloc does that itself)
+            keep_freed_memory()
         if training and _is_peft(model):
             use_bulk_dropout(model)
     if training and lora_args is not None and lora_args.freeze_trainable_layers:

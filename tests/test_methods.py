@@ -28,7 +28,7 @@ COMMON = ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", 
 def test_every_variant_takes_its_own_flags(tmp_path, flags, attribute, value):
     import dpo_training
 
-    (_, _, _, config, _), trainer = dpo_training.parse([*flags, "--output_dir", str(tmp_path)])
+    (*_, config, _), trainer = dpo_training.parse([*flags, "--output_dir", str(tmp_path)])
     assert getattr(config, attribute) == value
     assert trainer.__name__.startswith({"simpo": "CPO", "orpo": "ORPO", "kto": "KTO"}.get(flags[1], "DPO"))
 
@@ -38,7 +38,7 @@ def test_variant_flags_come_from_the_config_file_too_and_foreign_flags_are_refus
 
     config = tmp_path / "kto.yaml"
     config.write_text("loss_type: kto\ndesirable_weight: 1.3\n")
-    (_, _, _, parsed, _), trainer = dpo_training.parse(["--config", str(config), "--output_dir", str(tmp_path)])
+    (*_, parsed, _), trainer = dpo_training.parse(["--config", str(config), "--output_dir", str(tmp_path)])
     assert trainer.__name__ == "KTOTrainer" and parsed.desirable_weight == 1.3
     with pytest.raises(SystemExit):  # SimPO's gamma means nothing to KTO: refused, not ignored
         dpo_training.parse(["--loss_type", "kto", "--simpo_gamma", "0.7", "--output_dir", str(tmp_path)])
