@@ -5,7 +5,7 @@ PyTorch on a CPU allocates and frees tensors of many sizes at every step; glibc'
 live memory that stayed the same) unless freed memory is handed back to the kernel, which then faults it in
 again at the next step. tcmalloc (gperftools; PyTorch's own CPU launcher ``torch.backends.xeon.run_cpu``
 offers it too) neither fragments nor faults: on the embedded model, SFT ran at the same speed in 1.26 instead
-of 2.00 GiB, and DPO 1.4x faster in 1.24 instead of 2.10 GiB (docs/benchmarks.md). It has to be loaded
+of 2.00 GiB, and DPO in 1.33 instead of 1.83 GiB (docs/benchmarks.md). It has to be loaded
 before the process starts (LD_PRELOAD), so the launchers do it: the run_*.sh scripts (eval of this module's
 output), run_pipeline.py for its stages, and the benchmarks for MedGPT's side. ``bash setup.sh`` installs it
 (Debian/Ubuntu package libtcmalloc-minimal4) where it can; without it everything runs on glibc's malloc.
