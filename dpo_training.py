@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental in TRL 1.12
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
@@ -59,7 +60,8 @@ class DPOScriptArguments:
                 "logits over the whole vocabulary at every position (rows x length x vocabulary values, e.g. 1.2 GB "
                 "in bf16 for 4 rows of 1,000 tokens over a 152k vocabulary, held through the backward). Same loss, "
                 "a fraction of the memory. Other losses, --use_weighting, --ld_alpha, an f-divergence other than "
-                "reverse_kl, MoE router losses, vision models and soft-capped logits use TRL's path (logged). "
+                "reverse_kl, MoE router losses, vision models, soft-capped logits and DDP/FSDP runs (DeepSpeed is fine) "
+                "use TRL's path (logged). "
                 "Logged metrics: rewards/*, logps/*, num_tokens (not entropy, logits/*, mean_token_accuracy)."})
 
 
@@ -96,6 +98,9 @@ class PretokenizedDPOTrainer(DPOTrainer):
                   "--ld_alpha": self.ld_alpha is not None, "--use_weighting": self.use_weighting,
                   "--use_liger_kernel (TRL's fused loss)": self.use_liger_kernel,
                   "a MoE router loss": self.aux_loss_enabled, "a vision model": self._is_vlm,
+                  # DDP/FSDP sync gradients through the wrapped model's forward, which the chunked path goes around
+                  "several processes without DeepSpeed (DDP/FSDP)":
+                      self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.DEEPSPEED),
                   f"logits changed after the LM head ({', '.join(logit_modifiers(self.model.config))})":
                       bool(logit_modifiers(self.model.config))}
         return next((reason for reason, applies in checks.items() if applies), None)
