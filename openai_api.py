@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -53,6 +54,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgpt.args import ModelArguments, parse_args, run_cli
 from medgpt.generation import ChatModel, DynamicBatcher, GenerationArguments
+
+logger = logging.getLogger("medgpt.api")
 
 
 @dataclass
@@ -266,6 +269,7 @@ def create_app(chat: ChatModel, args: ServerArguments) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)  # the cause, in the server's log
         return error(500, "The server failed to answer this request.", kind="server_error")
 
     @app.get("/health")

@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options
 from medgpt.data_files import InvalidRecords
-from medgpt.modeling import adapter_inputs_in_bf16, load_model, load_template, load_tokenizer
+from medgpt.modeling import adapter_inputs_in_bf16, checkpoint_some_blocks, load_model, load_template, load_tokenizer
 from medgpt.packing import SFTCollator, block_mask_trainer
 from medgpt.tokenization import prepare_sft_data
 from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
@@ -98,6 +98,7 @@ def build_trainer(model_args, lora_args, training_args: SFTConfig, tokenizer, tr
         data_collator=collator,
     )
     adapter_inputs_in_bf16(trainer)
+    checkpoint_some_blocks(trainer, model_args.checkpointed_blocks)
     return trainer
 
 

@@ -82,8 +82,16 @@ class ModelArguments:
                                                               "requires": "load_in_4bit"})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={
         "help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).", "requires": "load_in_4bit"})
+    checkpointed_blocks: float | None = field(default=None, metadata={
+        "help": "With --gradient_checkpointing true: the share of the transformer blocks whose activations are "
+                "recomputed in the backward pass instead of kept, spread evenly over the depth (1.0: every block, "
+                "TRL's way). Default: 1.0 on GPUs; 2/3 on CPUs, where memory is plentiful next to compute and the "
+                "recomputation is the costliest part of a step (embedded model, SFT: 1.13x tokens/s for 1.5x "
+                "peak memory).", "stages": ("sft",)})
 
     def __post_init__(self):
+        if self.checkpointed_blocks is not None and not 0 <= self.checkpointed_blocks <= 1:
+            raise ValueError(f"--checkpointed_blocks must be between 0 and 1, got {self.checkpointed_blocks}.")
         for flag, value in (("--model_name_or_path (--base_model)", self.model_name_or_path),
                             ("--tokenizer_name_or_path", self.tokenizer_name_or_path),
                             ("--adapter_name_or_path (--lora_model)", self.adapter_name_or_path)):

@@ -259,6 +259,32 @@ def load_model(
     return model
 
 
+def checkpoint_some_blocks(trainer, share: float | None):
+    """Adds to the trainer (and returns) a callback that, once the trainer has turned gradient checkpointing on,
+    leaves it on for ``share`` of the transformer blocks, spread evenly (None: 2/3 on a CPU, all on a GPU), and
+    off for the others, whose activations are then kept for the backward pass. None (and nothing added) without
+    gradient checkpointing or where every block stays checkpointed."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if share is None:
+        share = 1.0 if torch.cuda.is_available() else 2 / 3
+    blocks = [module for module in trainer.model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    kept = len(blocks) - round(share * len(blocks))  # blocks not checkpointed
+    if not trainer.args.gradient_checkpointing or not blocks or kept == 0:
+        return None
+    uncheckpointed = {int(index * len(blocks) / kept) for index in range(kept)}
+
+    class CheckpointSomeBlocks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            for index, block in enumerate(blocks):
+                block.gradient_checkpointing = block.gradient_checkpointing and index not in uncheckpointed
+
+    callback = CheckpointSomeBlocks()
+    trainer.add_callback(callback)
+    return callback
+
+
 def adapter_inputs_in_bf16(trainer):
     """Adds to the trainer (and returns) a callback for LoRA over bf16 weights under bf16 autocast; None (and
     nothing added) where it does not apply.

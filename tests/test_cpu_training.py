@@ -135,3 +135,43 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 
     plain, kept = page_faults("plain"), page_faults("keep")
     assert plain > 20000 and kept * 3 < plain, (plain, kept)
+
+
+def test_checkpointed_blocks_leaves_the_others_unrecomputed_spread_over_the_depth(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from medgpt.modeling import checkpoint_some_blocks
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                         num_attention_heads=2, num_key_value_heads=2))
+
+    def flags(share, checkpointing=True):
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                                              gradient_checkpointing=checkpointing))
+        model.gradient_checkpointing_enable()  # what the trainer does when training starts
+        callback = checkpoint_some_blocks(trainer, share)
+        if callback is not None:
+            callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+        return [layer.gradient_checkpointing for layer in model.model.layers]
+
+    assert flags(2 / 3) == [False, True, True, False, True, True]
+    assert flags(0.5) == [False, True, False, True, False, True]
+    assert flags(1.0) == [True] * 6
+    assert flags(None) == ([True] * 6 if torch.cuda.is_available() else [False, True, True, False, True, True])
+    assert flags(0.5, checkpointing=False) == [True] * 6  # nothing added without gradient checkpointing
+
+
+@pytest.mark.slow
+def test_checkpointing_part_of_the_blocks_trains_exactly_as_checkpointing_all(tiny_model_dir, tmp_path):
+    import supervised_finetuning
+    from conftest import sft_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", sft_records(8))
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_files", str(data), "--max_steps", "2",
+              "--max_length", "128", "--learning_rate", "1e-2", "--validation_split_percentage", "25",
+              "--gradient_checkpointing", "true", "--lora_dropout", "0.1", "--report_to", "none", "--seed", "3",
+              "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1"]
+    part = supervised_finetuning.main([*common, "--checkpointed_blocks", "0.5", "--output_dir", str(tmp_path / "a")])
+    every = supervised_finetuning.main([*common, "--checkpointed_blocks", "1", "--output_dir", str(tmp_path / "b")])
+    assert part["train_loss"] == pytest.approx(every["train_loss"], rel=1e-6)
+    assert part["eval_loss"] == pytest.approx(every["eval_loss"], rel=1e-6)
