@@ -93,6 +93,7 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
     def why_not_chunked(self) -> str | None:
         """Why the chunked DPO loss cannot serve this run (TRL's path does), or None."""
+        modifiers = logit_modifiers(self.model.config)
         checks = {"--loss_type other than sigmoid": self.loss_types != ["sigmoid"],
                   "--f_divergence_type other than reverse_kl": self.f_divergence_type != "reverse_kl",
                   "--ld_alpha": self.ld_alpha is not None, "--use_weighting": self.use_weighting,
@@ -101,33 +102,33 @@ class PretokenizedDPOTrainer(DPOTrainer):
                   # DDP/FSDP sync gradients through the wrapped model's forward, which the chunked path goes around
                   "several processes without DeepSpeed (DDP/FSDP)":
                       self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.DEEPSPEED),
-                  f"logits changed after the LM head ({', '.join(logit_modifiers(self.model.config))})":
-                      bool(logit_modifiers(self.model.config))}
+                  f"logits changed after the LM head ({', '.join(modifiers)})": bool(modifiers)}
         return next((reason for reason, applies in checks.items() if applies), None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.chunked_logps or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        batch = (inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         with self.accelerator.autocast():  # backbone and head are called outside the model's forward (and its autocast)
-            chosen, rejected, ref_chosen, ref_rejected = self.pair_logps(inputs, batch)
+            chosen, rejected, ref_chosen, ref_rejected = self.pair_logps(inputs)
         chosen_rewards, rejected_rewards = self.beta * (chosen - ref_chosen), self.beta * (rejected - ref_rejected)
         loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean() * self.loss_weights[0]
         self.log_pair_metrics(mode, inputs, chosen, rejected, chosen_rewards.detach(), rejected_rewards.detach())
         return loss
 
-    def pair_logps(self, inputs, batch):
+    def pair_logps(self, inputs):
         """Answer log-probabilities of the policy (chosen, rejected) and of the reference (ref_chosen, ref_rejected)."""
+        batch = (inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         policy = self.accelerator.unwrap_model(self.model)
-        chosen, rejected = answer_logps(*backbone_and_head(policy), *batch).chunk(2)  # batch: [chosen..., rejected...]
+        modules = backbone_and_head(policy)
+        chosen, rejected = answer_logps(*modules, *batch).chunk(2)  # the batch is [chosen..., rejected...]
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 if self.ref_model is None:  # LoRA: the model with the adapter off (or a frozen "ref" adapter)
                     with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
-                        ref_chosen, ref_rejected = answer_logps(*backbone_and_head(policy), *batch).chunk(2)
+                        ref_chosen, ref_rejected = answer_logps(*modules, *batch).chunk(2)
                 else:
                     reference = self.accelerator.unwrap_model(self.ref_model)
                     ref_chosen, ref_rejected = answer_logps(*backbone_and_head(reference), *batch).chunk(2)
