@@ -28,6 +28,8 @@ from trl import SFTConfig, SFTTrainer
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args, run_cli, trl_options
 from medgpt.data_files import InvalidRecords
 from medgpt.modeling import adapter_inputs_in_bf16, checkpoint_some_blocks, load_model, load_template, load_tokenizer
+from medgpt.lm_head_loss import in_trl_sft
+from medgpt.packed_attention import PACKED_SDPA
 from medgpt.packing import SFTCollator, block_mask_trainer
 from medgpt.tokenization import prepare_sft_data
 from medgpt.training import final_eval_metrics, finish_run, resolve_resume, save_model, start_run
@@ -76,20 +78,27 @@ def _packing_given(argv: list[str], config: str | None) -> bool:
     return "packing" in (yaml.safe_load(Path(config).read_text()) or {})
 
 
+class StageTrainer(block_mask_trainer(SFTTrainer)):
+    """TRL's SFTTrainer over MedGPT's packed rows; its default loss (chunked_nll) computed by medgpt.lm_head_loss:
+    each chunk's logits once, in the training precision, the gradient taken with them (same loss and metrics)."""
+
+    def compute_loss(self, *args, **kwargs):
+        with in_trl_sft():
+            return super().compute_loss(*args, **kwargs)
+
+
 def build_trainer(model_args, lora_args, training_args: SFTConfig, tokenizer, train_dataset, eval_dataset=None):
     """The model (full, LoRA or QLoRA as the flags say) and the SFTTrainer over MedGPT's prepared rows
     (bench/sft_throughput.py measures this same path)."""
     model = load_model(model_args, lora_args, gradient_checkpointing=training_args.gradient_checkpointing,
-                       mixed_precision=training_args.bf16)
-    collator = SFTCollator(
-        tokenizer.pad_token_id,
-        dtype=model.dtype,
-        flash=model.config._attn_implementation.startswith("flash_attention"),
-    )
+                       mixed_precision=training_args.bf16, packed=training_args.packing)
+    attention = model.config._attn_implementation
+    collator = SFTCollator(tokenizer.pad_token_id, dtype=model.dtype,
+                           flatten=attention.startswith("flash_attention") or attention == PACKED_SDPA)
     # MedGPT tokenizes and packs itself (packing isolated by block-diagonal masks); TRL must not redo it.
     training_args.packing = False
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
-    trainer = block_mask_trainer(SFTTrainer)(
+    trainer = StageTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics.update(data_counts)
     metrics.update(invalid_counts)
     metrics["packing"] = packing
+    metrics["attention"] = trainer.model.config._attn_implementation
     if eval_dataset is not None:
         metrics.update(final_eval_metrics(trainer))
     finish_run(trainer, metrics, training_args.output_dir)

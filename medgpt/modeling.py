@@ -194,11 +194,14 @@ def load_model(
     gradient_checkpointing: bool = False,
     train_embeddings: bool = False,
     mixed_precision: bool = False,
+    packed: bool = False,
 ):
     """Load a causal LM (or a sequence-classification head for reward models), quantized and
     LoRA-wrapped as the arguments say. With ``training=False`` an adapter is loaded for inference.
     ``mixed_precision`` (the trainer's --bf16): with LoRA, where every weight outside the adapter is
     frozen, ``--torch_dtype auto`` loads the weights in bf16 on the CPU as it does on GPUs.
+    ``packed`` (training rows packed from several sequences): on a CPU, unless --attn_implementation names
+    one, attention runs sequence by sequence over flattened batches (packed_attention.py).
     """
     path = resolve_model_path(model_args)
     # bf16 frozen weights only where nothing but the fp32 adapter trains (no head, embeddings or blocks in full,
@@ -217,6 +220,10 @@ def load_model(
         kwargs["quantization_config"] = quant
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    elif packed and training and not torch.cuda.is_available():
+        from medgpt.packed_attention import register
+
+        kwargs["attn_implementation"] = register()
     folder, gguf = gguf_location(path)
     if (quant is not None or _saved_quantization(folder, gguf)) and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}

@@ -2,8 +2,9 @@
 
 Restarted ``position_ids`` alone do not isolate packed sequences under ``sdpa``/``eager`` (the
 second sequence attends to the first), so rows are given a 4D block-diagonal causal mask: each
-token sees only earlier tokens of its own sequence. Under flash-attention the batch is flattened
-into one row and the kernel's variable-length path separates sequences by ``position_ids``.
+token sees only earlier tokens of its own sequence. Under flash-attention, and under
+packed_attention.py's per-sequence attention (the default for packed SFT on CPUs), the batch is
+flattened into one row and the sequences' boundaries go to the kernel instead.
 """
 
 from __future__ import annotations
@@ -82,18 +83,19 @@ def pack_sequences(dataset, max_length: int, seed: int = 0, num_proc: int | None
 class SFTCollator:
     """Pads a batch (right side); builds block-diagonal masks for packed rows.
 
-    ``flash=True`` (flash-attention kernels) flattens the batch into one padding-free row with
-    restarted position_ids instead of building masks.
+    ``flatten=True`` (flash-attention's variable-length kernels, or packed_attention.py's on CPUs) flattens
+    the batch into one padding-free row with restarted position_ids and the sequences' boundaries
+    (``cu_seq_lens_q/k``, ``max_length_q/k``, as transformers' DataCollatorWithFlattening) instead of masks.
     """
 
-    def __init__(self, pad_token_id: int, dtype: torch.dtype = torch.float32, flash: bool = False):
+    def __init__(self, pad_token_id: int, dtype: torch.dtype = torch.float32, flatten: bool = False):
         self.pad_token_id = pad_token_id
         self.dtype = dtype
-        self.flash = flash
+        self.flatten = flatten
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths_per_row = [f.get("seq_lengths") or [len(f["input_ids"])] for f in features]
-        if self.flash:
+        if self.flatten:
             return self._flatten(features, lengths_per_row)
         width = max(len(f["input_ids"]) for f in features)
         batch = len(features)
@@ -124,10 +126,13 @@ class SFTCollator:
                 labels += [-100] + list(feature["labels"][start + 1 : start + length])
                 start += length
         flat_lengths = [length for lengths in lengths_per_row for length in lengths]
+        bounds = torch.tensor([0, *flat_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": restarted_positions([flat_lengths], len(ids)),
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+            "max_length_q": max(flat_lengths), "max_length_k": max(flat_lengths),
         }
 
 

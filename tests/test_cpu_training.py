@@ -15,7 +15,7 @@ from medgpt.cpu_training import BulkDropout, use_bulk_dropout
 
 def test_bulk_dropout_drops_p_of_the_elements_and_scales_the_rest():
     torch.manual_seed(0)
-    x = torch.ones(3_000_001)  # not a multiple of three: the last draw is partly used
+    x = torch.ones(3_000_001)  # not a multiple of four: the last draw is partly used
     dropout = BulkDropout(0.05).train()
     y = dropout(x)
     dropped = (y == 0).float().mean().item()
@@ -25,6 +25,13 @@ def test_bulk_dropout_drops_p_of_the_elements_and_scales_the_rest():
     assert torch.equal(dropout.eval()(x), x) and torch.equal(BulkDropout(0.0).train()(x), x)
     for p in (0.1, 0.5):  # every lane of the 64-bit draws is uniform: other rates come out right too
         assert abs((BulkDropout(p).train()(x) == 0).float().mean().item() - p) < 0.002
+    for lane in range(4):  # each of the four 16-bit lanes of a draw drops at the rate, the top one included
+        assert abs((y[lane::4] == 0).float().mean().item() - 0.05) < 0.0012
+    # the gradient passes the kept elements scaled, and nothing of the dropped ones
+    x = torch.ones(1001, dtype=torch.bfloat16, requires_grad=True)
+    y = dropout(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
 
 
 def test_trl_disable_dropout_switches_bulk_dropout_off():

@@ -277,7 +277,7 @@ def tool_api(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(root / "calls.jsonl", [record] * 4)
     supervised_finetuning.main([
         "--model_name_or_path", str(tiny_model_dir), "--train_files", str(data), "--output_dir", str(root / "model"),
-        "--validation_split_percentage", "0", "--max_steps", "60", "--learning_rate", "1e-2", "--use_peft", "false",
+        "--validation_split_percentage", "0", "--max_steps", "100", "--learning_rate", "1e-2", "--use_peft", "false",
         "--per_device_train_batch_size", "4", "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
         "--gradient_checkpointing", "false", "--seed", "1", "--tool_format", "default"])
     port = free_port()

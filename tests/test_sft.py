@@ -260,3 +260,18 @@ def test_lora_with_bf16_loads_frozen_weights_in_bf16_and_keeps_the_adapter_fp32(
     full = load_model(model_args, LoraArguments(use_peft=False), mixed_precision=True)
     assert {p.dtype for p in full.parameters()} == {torch.float32}
     assert {p.dtype for p in load_model(model_args, LoraArguments()).parameters()} == {torch.float32}
+
+
+def test_packed_sft_on_cpu_attends_per_sequence_and_trains_as_block_masks_do(tiny_model_dir, sft_data_dir, tmp_path):
+    """The CPU default for packed rows (flattened batch, attention sequence by sequence) trains exactly as the
+    block-diagonal masks over padded rows (--attn_implementation sdpa), in fp32. Plain SGD: Adam's first steps
+    move every weight by +-lr whatever its gradient's size, so rounding noise in near-zero gradients would show."""
+    common = ["--max_steps", "3", "--bf16", "false", "--optim", "sgd", "--learning_rate", "1.0", "--eval_strategy", "no",
+              "--lora_dropout", "0"]  # dropout masks depend on the batch's shape (flat vs padded rows)
+    flat = run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "flat", *common))
+    masked = run_sft(*sft_args(tiny_model_dir, sft_data_dir, tmp_path / "masked", *common,
+                               "--attn_implementation", "sdpa"))
+    assert flat["attention"] == "medgpt_packed_sdpa" and masked["attention"] == "sdpa"
+    assert flat["packing"] and masked["packing"]
+    for key in ("train_loss", "eval_loss"):
+        assert flat[key] == pytest.approx(masked[key], rel=1e-6), key
