@@ -266,16 +266,19 @@ def load_model(
     return model
 
 
+CPU_CHECKPOINTED_BLOCKS = 0.8  # --checkpointed_blocks' default on CPUs (see its help)
+
+
 def checkpoint_some_blocks(trainer, share: float | None):
     """Adds to the trainer (and returns) a callback that, once the trainer has turned gradient checkpointing on,
-    leaves it on for ``share`` of the transformer blocks, spread evenly (None: 2/3 on a CPU, all on a GPU), and
+    leaves it on for ``share`` of the transformer blocks, spread evenly (None: 0.8 on a CPU, all on a GPU), and
     off for the others, whose activations are then kept for the backward pass. None (and nothing added) without
     gradient checkpointing or where every block stays checkpointed."""
     from transformers import TrainerCallback
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if share is None:
-        share = 1.0 if torch.cuda.is_available() else 2 / 3
+        share = 1.0 if torch.cuda.is_available() else CPU_CHECKPOINTED_BLOCKS
     blocks = [module for module in trainer.model.modules() if isinstance(module, GradientCheckpointingLayer)]
     kept = len(blocks) - round(share * len(blocks))  # blocks not checkpointed
     if not trainer.args.gradient_checkpointing or not blocks or kept == 0:

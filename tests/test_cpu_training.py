@@ -164,7 +164,7 @@ def test_checkpointed_blocks_leaves_the_others_unrecomputed_spread_over_the_dept
     assert flags(2 / 3) == [False, True, True, False, True, True]
     assert flags(0.5) == [False, True, False, True, False, True]
     assert flags(1.0) == [True] * 6
-    assert flags(None) == ([True] * 6 if torch.cuda.is_available() else [False, True, True, False, True, True])
+    assert flags(None) == ([True] * 6 if torch.cuda.is_available() else [False, True, True, True, True, True])
     assert flags(0.5, checkpointing=False) == [True] * 6  # nothing added without gradient checkpointing
 
 
