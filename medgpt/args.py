@@ -71,7 +71,9 @@ class ModelArguments:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2. Default: the model's default (sdpa)."},
+        metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2. Default: the model's default (sdpa); "
+                          "for packed SFT rows on CPUs, medgpt_packed_sdpa (each packed sequence attended on its own; "
+                          "medgpt/packed_attention.py)."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modeling code shipped with the model folder. Only for models you trust."}

@@ -1,16 +1,16 @@
 """The LM head's cross-entropy over answer tokens, a chunk at a time, its gradient taken in the forward pass.
 
 TRL's SFT loss (``loss_type`` chunked_nll, its default) applies the LM head to the answer tokens only, in chunks,
-each chunk recomputed in the backward pass; it computes the logits in fp32 from an fp32 copy of the head's
-weight, and its recomputation runs the metrics (arg-max accuracy, entropy) a second time. Here, as Liger's fused
+each chunk recomputed in the backward pass (its metrics, arg-max accuracy and entropy, included), and casts the
+head's weight to fp32 for every chunk (which bf16 autocast casts back for the matmul). Here, as Liger's fused
 linear cross-entropy does on GPUs: each chunk's logits are computed once, in the precision the model trains in
 (the matmul under autocast, the softmax in fp32, as a model's own forward and loss do), and turned at once into
 the loss, the metrics and the gradient for the hidden states (and the head's weight, where it trains). The
-backward pass only scales what the forward stored. On the embedded model (1,100 answer tokens, 49k vocabulary,
-2 CPU cores) TRL's loss took 1.7 s of a 5.5 s step, this one 0.55 s.
+backward pass only scales what the forward stored. On the embedded model (1,500 answer tokens, 49k
+vocabulary, bf16 autocast, 2 CPU cores): 0.45-0.53 s forward and backward, TRL's 1.0 s.
 
 :func:`in_trl_sft` puts :func:`chunked_cross_entropy` in place of TRL's function (same arguments and results)
-while a trainer computes its loss; TRL's forward patch (MoE aux loss, VLMs, ZeRO-3 gathering) stays as it is.
+while a trainer computes its loss; TRL's forward patch (MoE aux loss, VLMs) stays as it is.
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def chunked_cross_entropy(hidden_states, lm_head_weight, chunk_size, labels=None
                           num_items_in_batch=None, logit_scale=1.0, final_logit_softcapping=None, lm_head_bias=None):
     """TRL's ``_chunked_cross_entropy_loss`` contract: (loss, correct tokens, entropy sum, valid tokens) over the
     tokens whose label is not -100; loss summed over them and divided by ``num_items_in_batch`` (the global count
-    under gradient accumulation) or else by their number."""
+    under gradient accumulation) or else by their number. ``chunk_size`` (TRL's, in tokens) gives way to
+    ``chunk_tokens``: a chunk holds at most 8M logits whatever the vocabulary. Under DeepSpeed ZeRO-3 the head's
+    weight is gathered for the forward pass, as TRL's does."""
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     if shift_labels is not None:

@@ -200,8 +200,9 @@ def load_model(
     LoRA-wrapped as the arguments say. With ``training=False`` an adapter is loaded for inference.
     ``mixed_precision`` (the trainer's --bf16): with LoRA, where every weight outside the adapter is
     frozen, ``--torch_dtype auto`` loads the weights in bf16 on the CPU as it does on GPUs.
-    ``packed`` (training rows packed from several sequences): on a CPU, unless --attn_implementation names
-    one, attention runs sequence by sequence over flattened batches (packed_attention.py).
+    ``packed`` (training rows packed from several sequences): on a CPU, where the model attends with sdpa and
+    --attn_implementation names no kernel, attention runs sequence by sequence over flattened batches
+    (packed_attention.py).
     """
     path = resolve_model_path(model_args)
     # bf16 frozen weights only where nothing but the fp32 adapter trains (no head, embeddings or blocks in full,
@@ -220,10 +221,6 @@ def load_model(
         kwargs["quantization_config"] = quant
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    elif packed and training and not torch.cuda.is_available():
-        from medgpt.packed_attention import register
-
-        kwargs["attn_implementation"] = register()
     folder, gguf = gguf_location(path)
     if (quant is not None or _saved_quantization(folder, gguf)) and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
@@ -240,6 +237,11 @@ def load_model(
             raise ValueError(f"unknown task {task}")
     if cast_to is not None:
         cast_mapped_weights(model, cast_to)
+    if packed and training and not model_args.attn_implementation and not torch.cuda.is_available() \
+            and model.config._attn_implementation == "sdpa":  # models that default to eager (soft-capped) keep it
+        from medgpt.packed_attention import register
+
+        model.set_attn_implementation(register())
 
     if quant is not None and training:
         from peft import prepare_model_for_kbit_training

@@ -10,7 +10,8 @@ model's packed rows (4 x 512 tokens, 2 cores): 45 ms forward and backward per la
 the block-diagonal mask.
 
 Registered with transformers as the attention implementation ``PACKED_SDPA``; without ``cu_seq_lens_q``
-(padded batches, generation) it is transformers' sdpa with the usual masks.
+(padded batches, generation), and for sliding-window layers, soft-capped scores or attention sinks, it is
+transformers' sdpa with the usual masks.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                         is_causal=None, **kwargs):
     """transformers' attention-function signature; returns (output [batch, tokens, heads, dim], None)."""
     lengths = kwargs.get("cu_seq_lens_q")
-    if lengths is None or query.shape[0] != 1 or dropout > 0 or key.shape[2] != query.shape[2]:
+    # what this path does not compute (sliding windows, soft-capped scores, attention sinks) goes to sdpa, which
+    # gets the block-diagonal mask transformers makes from the restarted position_ids
+    other = kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None
+    if lengths is None or other or query.shape[0] != 1 or dropout > 0 or key.shape[2] != query.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -108,8 +108,13 @@ def test_flattened_batch_under_packed_attention_gives_each_sequence_its_own_logi
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         alone = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in sequences])
-        # without the boundaries (no cu_seq_lens) it is plain sdpa: padded batches still work
+        # without the boundaries (cu_seq_lens), and for what it leaves to sdpa (sliding windows, soft-capping, sinks),
+        # sdpa gets the block-diagonal mask that transformers builds from the restarted position_ids (without a cache,
+        # as in training)
+        fallback = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        # and padded batches still work
         padded = model(input_ids=torch.tensor([sequences[0], sequences[2] + [0, 0]]),
                        attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0, 0]])).logits
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fallback, alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(padded[1, :5], alone[19:24], atol=1e-5, rtol=1e-4)
