@@ -236,6 +236,9 @@ def main() -> None:
     memory = results["medgpt"]["peak_memory_gib"] / results["baseline"]["peak_memory_gib"]
     print(f"\nmedgpt / baseline: {speed:.2f}x real tokens/s, {memory:.2f}x peak memory (matmul peaks: "
           + ", ".join(f"{side} {r['matmul_peak_gflops']:.0f} GFLOP/s" for side, r in results.items()) + ")")
+    if args.precision != "bf16":  # the target compares MedGPT's defaults with the reference's bf16 settings
+        print("(fp32 on both sides: a comparison, not the target's setting; the target is checked with --precision bf16)")
+        return
     print(f"target: >= {SPEED_TARGET}x tokens/s at <= {MEMORY_TARGET}x memory:",
           "met" if speed >= SPEED_TARGET and memory <= MEMORY_TARGET else "NOT met")
 
