@@ -29,8 +29,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     and the sum of the softmax's entropies (no gradient through those two). hidden [tokens, width], targets [tokens]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, cap: float | None):
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, cap: float | None, training: bool):
+        # ``training``: grad mode was on at the call (inside forward it is off, and needs_input_grad says only
+        # whether the inputs require gradients): evaluation computes no gradients
+        want_hidden, want_weight, want_bias = (training and wanted for wanted in ctx.needs_input_grad[:3])
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
@@ -81,7 +83,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         stored = iter(ctx.saved_tensors)
         grads = [(next(stored) * grad_loss).to(dtype) if present else None
                  for present, dtype in zip(ctx.present, ctx.dtypes)]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def chunked_cross_entropy(hidden_states, lm_head_weight, chunk_size, labels=None, shift_labels=None,
@@ -102,7 +104,7 @@ def chunked_cross_entropy(hidden_states, lm_head_weight, chunk_size, labels=None
     with maybe_gather_lm_head_ctx(lm_head_weight, lm_head_bias):
         loss, correct, entropy = LinearCrossEntropy.apply(hidden, lm_head_weight, lm_head_bias, targets,
                                                           chunk_tokens(lm_head_weight.shape[0]), float(logit_scale),
-                                                          final_logit_softcapping)
+                                                          final_logit_softcapping, torch.is_grad_enabled())
     count = valid.sum()
     if num_items_in_batch is None:
         return loss / count.clamp(min=1), correct, entropy, count

@@ -62,3 +62,21 @@ def test_in_trl_sft_swaps_trls_function_only_while_open():
             assert sft_trainer._chunked_cross_entropy_loss is chunked_cross_entropy
         assert sft_trainer._chunked_cross_entropy_loss is chunked_cross_entropy
     assert sft_trainer._chunked_cross_entropy_loss is original
+
+
+def test_no_gradients_are_computed_under_no_grad(monkeypatch):
+    """Evaluation runs under no_grad, where a Function's needs_input_grad still says True: the gradient matmuls
+    (and a full fp32 buffer for a trained head's weight) must not run then."""
+    hidden = torch.randn(1, 50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    labels = torch.randint(0, 300, (1, 50))
+    products = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(a.dim()) or real_matmul(a, b))
+    with torch.no_grad():
+        evaluated, *_ = chunked_cross_entropy(hidden, weight, 64, labels=labels)
+    # the logits come from F.linear, the entropy from a 1-D dot product: no matrix product for gradients
+    assert 2 not in products and not evaluated.requires_grad
+    products.clear()
+    trained, *_ = chunked_cross_entropy(hidden, weight, 64, labels=labels)
+    assert products.count(2) == 2 and trained.item() == pytest.approx(evaluated.item())  # d_hidden and d_weight
