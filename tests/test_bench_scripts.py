@@ -28,7 +28,7 @@ def test_sft_throughput_bench_runs_both_sides(tiny_model_dir, tmp_path):
     assert "medgpt / baseline:" in out and "target:" in out
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # DPO's bench path is the stage's own (covered by test_dpo_memory); ~25 s
 def test_dpo_memory_bench_runs_both_sides(tiny_model_dir):
     out = run_bench("dpo_memory.py", "--model", str(tiny_model_dir), "--steps", "2", "--batch_size", "2",
                     "--max_length", "128")
