@@ -95,7 +95,8 @@ def build_trainer(model_args, lora_args, training_args: SFTConfig, tokenizer, tr
     attention = model.config._attn_implementation
     collator = SFTCollator(tokenizer.pad_token_id, dtype=model.dtype,
                            flatten=attention.startswith("flash_attention") or attention == PACKED_SDPA)
-    # MedGPT tokenizes and packs itself (packing isolated by block-diagonal masks); TRL must not redo it.
+    # MedGPT tokenizes and packs itself (sequences isolated by block-diagonal masks or per-sequence attention);
+    # TRL must not redo it.
     training_args.packing = False
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
     trainer = StageTrainer(

@@ -10,8 +10,8 @@ for reuse took the step from 8.1 to 5.7 s at the same peak memory.
 PEFT draws each adapter's dropout mask with ``bernoulli_``, which on the CPU generates one random number per
 element: on the embedded model (4 x 512 tokens, every linear layer adapted, gradient checkpointing, which
 draws every mask twice) that was 28% of a training step, more than all the matrix products. The same masks,
-drawn as 16-bit uniform numbers four to one 64-bit draw and applied as a multiplier, take a quarter of the time. The generator is torch's, so
-gradient checkpointing replays the same masks.
+drawn as 16-bit uniform numbers four to one 64-bit draw and applied as a multiplier, take a quarter of the
+time. The generator is torch's, so gradient checkpointing replays the same masks.
 """
 
 from __future__ import annotations

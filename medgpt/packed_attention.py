@@ -44,6 +44,8 @@ class PackedCausalAttention(torch.autograd.Function):
         group = heads // kv_heads  # query heads per key/value head (grouped-query attention)
         exact = torch.promote_types(query.dtype, torch.float32)  # softmax and its gradient: fp32 at least
         grad_query, grad_key, grad_value = (torch.empty_like(t) for t in (query, key, value))
+        longest = max(ctx.lengths)  # each sequence's causal mask is the top-left corner of this one
+        future_of_longest = torch.ones(longest, longest, dtype=torch.bool, device=query.device).triu(1)
         start = 0
         for length in ctx.lengths:
             span = slice(start, start + length)
@@ -53,7 +55,7 @@ class PackedCausalAttention(torch.autograd.Function):
             d_out = grad_out[0, :, span].reshape(kv_heads, group * length, dim)
             # the probabilities again (softmax in fp32), then the gradients: d_scores = p * (dp - rowsum(dO * O))
             scores = q @ k.transpose(-1, -2)
-            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            future = future_of_longest[:length, :length]
             scores.view(kv_heads, group, length, length).masked_fill_(future, float("-inf"))
             probs = scores.softmax(-1, dtype=exact)
             carried = (d_out.to(exact) * out[0, :, span].reshape(kv_heads, group * length, dim)).sum(-1, True)

@@ -127,12 +127,13 @@ class SFTCollator:
                 start += length
         flat_lengths = [length for lengths in lengths_per_row for length in lengths]
         bounds = torch.tensor([0, *flat_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(flat_lengths)
         return {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": restarted_positions([flat_lengths], len(ids)),
             "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
-            "max_length_q": max(flat_lengths), "max_length_k": max(flat_lengths),
+            "max_length_q": longest, "max_length_k": longest,
         }
 
 
